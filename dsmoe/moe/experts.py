@@ -1,0 +1,93 @@
+"""Routed experts with stacked weights, computed by grouped GEMM (or an exact per-expert loop)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Where torch's grouped GEMM runs: CPU (fp32/bf16) and bf16 on Hopper+; 16-byte aligned rows."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.device.type != "cpu":
+        return False
+    align = 16 // x.element_size()
+    return x.shape[-1] % align == 0 and w.shape[-1] % align == 0
+
+
+def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None):
+    """x (N, K) rows grouped by expert (counts (E,)), w (E, K, M) -> (N, M)."""
+    if offs is not None:
+        return torch._grouped_mm(x, w, offs=offs)
+    chunks = x.split(counts.tolist())
+    return torch.cat([c @ w[e] for e, c in enumerate(chunks)]) if chunks else x.new_zeros(0, w.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """E experts as stacked tensors: ``w_in`` (E, H, F) or (E, H, 2F) for SwiGLU [gate | up], ``w_out`` (E, F, H)."""
+
+    def __init__(self, cfg: MoEConfig, num_experts: int | None = None):
+        super().__init__()
+        e = cfg.num_experts if num_experts is None else num_experts
+        h, f = cfg.hidden_size, cfg.expert_hidden_size
+        self.activation = cfg.activation
+        self.use_grouped_mm = cfg.grouped_gemm
+        self.ffn = f
+        n_in = 2 * f if cfg.activation == "swiglu" else f
+        self.w_in = nn.Parameter(torch.empty(e, h, n_in))
+        self.w_out = nn.Parameter(torch.empty(e, f, h))
+        nn.init.normal_(self.w_in, std=cfg.init_std)
+        nn.init.normal_(self.w_out, std=cfg.init_std)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, H) sorted by expert, counts (E_local,) long with sum N -> (N, H)."""
+        if x.shape[0] == 0:  # keep the weights in the graph so every rank produces (zero) grads
+            return x.new_zeros(0, x.shape[-1]) + 0 * (self.w_in.sum() + self.w_out.sum())
+        w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
+        offs = None
+        if self.use_grouped_mm and grouped_mm_supported(x, w_in) and grouped_mm_supported(x, w_out.transpose(1, 2)):
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = _grouped_matmul(x, w_in, counts, offs)
+        if self.activation == "swiglu":
+            gate, up = h.split(self.ffn, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return _grouped_matmul(h, w_out, counts, offs)
+
+
+class SharedExperts(nn.Module):
+    """Always-on dense MLP (the fused shared experts) with an optional sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.shared_hidden
+        self.activation = cfg.activation
+        if cfg.activation == "swiglu":
+            self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+        self.gate = nn.Linear(h, 1, bias=False) if cfg.shared_expert_gate else None
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x))
+        out = self.down_proj(h)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out

@@ -1,0 +1,184 @@
+"""MoELayer: router -> (null / capacity filter) -> dispatcher -> grouped experts -> combine (+ shared)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import losses
+from .capacity import expert_capacity, keep_within_capacity
+from .config import MoEConfig
+from .dispatcher import AllToAllDispatcher, LocalDispatcher
+from .experts import GroupedExperts, SharedExperts
+from .router import Router
+
+_DEFAULT = object()
+
+
+@dataclass
+class MoEOutput:
+    hidden_states: torch.Tensor
+    """Same shape as the input."""
+    aux_loss: torch.Tensor
+    """Scalar: weighted sum of the enabled router losses (0 when none is enabled)."""
+    stats: dict = field(default_factory=dict)
+    """Detached: tokens_per_expert (E,) long over the EP group, dropped_tokens, null_fraction, losses."""
+    router_logits: torch.Tensor | None = None
+    """(N, C) fp32 router logits of the local tokens."""
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN with routed, shared and null experts and optional capacity limits.
+
+    ``MoELayer(cfg)`` with ``cfg.backend == "deepspeed"`` returns a
+    :class:`dsmoe.moe.deepspeed_layer.DeepSpeedMoELayer` with the same interface.
+    """
+
+    def __new__(cls, cfg: MoEConfig, *args, **kwargs):
+        if cls is MoELayer and getattr(cfg, "backend", "dsmoe") == "deepspeed":
+            from .deepspeed_layer import DeepSpeedMoELayer
+            return DeepSpeedMoELayer(cfg)
+        return super().__new__(cls)
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared_experts = SharedExperts(cfg) if cfg.shared_hidden > 0 else None
+        self.dispatcher: LocalDispatcher | AllToAllDispatcher = LocalDispatcher(cfg.num_experts)
+        self.capacity_factor = cfg.capacity_factor
+
+    # ------------------------------------------------------------------ parallelism
+    def apply_expert_parallel(self, group=None) -> "MoELayer":
+        """Shard the routed experts over ``group`` (size P): rank r keeps experts [r*E/P, (r+1)*E/P)."""
+        import torch.distributed as dist
+        p, r = dist.get_world_size(group), dist.get_rank(group)
+        e = self.cfg.num_experts
+        if e % p:
+            raise ValueError(f"num_experts={e} is not divisible by the expert-parallel group size {p}")
+        if self.experts.num_experts != e:
+            raise RuntimeError("apply_expert_parallel was already applied to this layer")
+        el = e // p
+        with torch.no_grad():
+            for name in ("w_in", "w_out"):
+                full = getattr(self.experts, name)
+                shard = nn.Parameter(full[r * el:(r + 1) * el].clone(), requires_grad=full.requires_grad)
+                setattr(self.experts, name, shard)
+        for prm in self.experts.parameters():
+            prm.dsmoe_expert = True          # read by dsmoe.parallel when building optimizer groups
+        self.dispatcher = AllToAllDispatcher(e, group)
+        return self
+
+    @property
+    def expert_parallel_size(self) -> int:
+        return self.dispatcher.world_size
+
+    @property
+    def local_expert_range(self) -> tuple[int, int]:
+        el = self.dispatcher.num_local_experts
+        return self.dispatcher.rank * el, (self.dispatcher.rank + 1) * el
+
+    def update_expert_bias(self, group=None):
+        """Aux-loss-free balancing step; call after each optimizer step (dsmoe's trainer does)."""
+        return self.router.update_bias(group)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, capacity_factor=_DEFAULT, token_priority: torch.Tensor | None = None,
+                ) -> MoEOutput:
+        """x: (B, T, H) or (N, H). ``capacity_factor`` overrides the configured one for this call (warmup);
+        ``token_priority`` (same leading shape as x) replaces the router weight as the drop order."""
+        cfg = self.cfg
+        if x.shape[-1] != cfg.hidden_size or x.dim() not in (2, 3):
+            raise ValueError(f"MoELayer expects input [B, T, {cfg.hidden_size}] or [N, {cfg.hidden_size}] "
+                             f"(MoEConfig.hidden_size={cfg.hidden_size}), got {list(x.shape)}")
+        shape = x.shape
+        x2 = x.reshape(-1, cfg.hidden_size)
+        n, k, e = x2.shape[0], cfg.top_k, cfg.num_experts
+
+        r = self.router(x2)
+        aux, loss_stats = self._aux_losses(r, shape)
+
+        flat_expert = r.topk_idx.reshape(-1)
+        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
+        flat_weight = r.topk_weight.reshape(-1)
+        keep = flat_expert < e                          # null choices never leave the router
+        n_null = int(flat_expert.numel() - keep.sum())
+
+        if capacity_factor is _DEFAULT:
+            capacity_factor = self.capacity_factor
+            if not self.training and cfg.eval_capacity_factor is not None:
+                capacity_factor = cfg.eval_capacity_factor
+        cap = expert_capacity(n, k, e, capacity_factor, cfg.min_capacity, cfg.max_capacity)
+        n_dropped = 0
+        if cap is not None:
+            real = keep.nonzero().squeeze(1)
+            if token_priority is not None:
+                prio = token_priority.reshape(-1).float()[flat_token[real]]
+            elif cfg.drop_policy == "probs":
+                prio = flat_weight.detach()[real]
+            else:
+                prio = -flat_token[real].float()
+            kept = keep_within_capacity(flat_expert[real], prio, e, cap)
+            keep[real[~kept]] = False
+            n_dropped = int((~kept).sum())
+
+        idx = keep.nonzero().squeeze(1)
+        idx = idx[torch.argsort(flat_expert[idx], stable=True)]   # sorted by expert, token order within
+        tok, expert = flat_token[idx], flat_expert[idx]
+        counts = torch.bincount(expert, minlength=e)
+
+        d = self.dispatcher.dispatch(x2.index_select(0, tok), counts)
+        shared = self.shared_experts(x2) if self.shared_experts is not None else None  # overlaps the exchange
+        d.wait()
+        y = self.dispatcher.combine(self.experts(d.tokens, d.counts), d)
+        y = y * flat_weight[idx].unsqueeze(1).to(y.dtype)
+        out = torch.zeros_like(x2).index_add(0, tok, y)
+        if shared is not None:
+            out = out + shared
+
+        stats_vec = torch.cat([counts, counts.new_tensor([n_dropped, n_null, flat_expert.numel()])])
+        stats_vec = self.dispatcher.all_reduce(stats_vec)
+        stats = {"tokens_per_expert": stats_vec[:e], "dropped_tokens": int(stats_vec[e]),
+                 "null_fraction": float(stats_vec[e + 1]) / max(int(stats_vec[e + 2]), 1),
+                 "capacity": cap, **loss_stats}
+        return MoEOutput(out.view(shape), aux, stats, r.logits)
+
+    def _aux_losses(self, r, shape) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        aux = r.logits.new_zeros(())
+        stats: dict = {}
+        if cfg.random_routing:
+            return aux, stats
+        if cfg.aux_loss_coef:
+            lb = losses.load_balance_loss(r.probs, r.topk_idx, cfg.num_experts)
+            aux = aux + cfg.aux_loss_coef * lb
+            stats["load_balance_loss"] = lb.detach()
+        if cfg.seq_aux_loss_coef:
+            b = shape[0] if len(shape) == 3 else 1
+            seq = losses.load_balance_loss(r.probs.view(b, -1, cfg.num_choices),
+                                           r.topk_idx.view(b, -1, cfg.top_k), cfg.num_experts)
+            aux = aux + cfg.seq_aux_loss_coef * seq
+            stats["seq_balance_loss"] = seq.detach()
+        if cfg.z_loss_coef:
+            z = losses.z_loss(r.logits)
+            aux = aux + cfg.z_loss_coef * z
+            stats["z_loss"] = z.detach()
+        if cfg.entropy_loss_coef:
+            ent = losses.entropy_loss(r.probs)
+            aux = aux + cfg.entropy_loss_coef * ent
+            stats["entropy_loss"] = ent.detach()
+        return aux, stats
+
+    # ------------------------------------------------------------------ HF interop
+    @classmethod
+    def from_hf(cls, block: nn.Module, hf_config) -> "MoELayer":
+        """Build a layer holding the weights of a transformers MoE block (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE)."""
+        from .hf import layer_from_hf
+        return layer_from_hf(cls, block, hf_config)
+
+    def to_hf(self, block: nn.Module) -> nn.Module:
+        """Write this layer's weights back into a transformers MoE block of the matching family."""
+        from .hf import layer_to_hf
+        return layer_to_hf(self, block)

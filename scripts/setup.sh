@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv and installs dsmoe with its test extra. torch is installed first and pinned to the
+# local CPU build when no torch is present: a bare `torch` requirement would pull GBs of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch (CPU build) ..."
+  $PIP install -q "torch==${DSMOE_TORCH_VERSION:-2.13.0}"
+fi
+echo "[setup] installing dsmoe and its dependencies ..."
+$PIP install -q -e ".[test]"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"
