@@ -35,8 +35,8 @@ class MoELayer(nn.Module):
     :class:`dsmoe.moe.deepspeed_layer.DeepSpeedMoELayer` with the same interface.
     """
 
-    def __new__(cls, cfg: MoEConfig, *args, **kwargs):
-        if cls is MoELayer and getattr(cfg, "backend", "dsmoe") == "deepspeed":
+    def __new__(cls, cfg: MoEConfig | None = None, *args, **kwargs):
+        if cls is MoELayer and cfg is not None and cfg.backend == "deepspeed":
             from .deepspeed_layer import DeepSpeedMoELayer
             return DeepSpeedMoELayer(cfg)
         return super().__new__(cls)

@@ -1,0 +1,205 @@
+"""Single-process behaviour of MoELayer: routing, null experts, capacity, losses, bias balancing, errors."""
+import math
+
+import pytest
+import torch
+
+from dsmoe.moe import MoEConfig, MoELayer
+from dsmoe.moe import losses
+from moe_reference import naive_moe
+
+H, F_, E = 16, 32, 8
+
+
+def make(seed=0, **kw) -> MoELayer:
+    torch.manual_seed(seed)
+    base = dict(hidden_size=H, expert_hidden_size=F_, num_experts=E, top_k=2, init_std=0.3)
+    base.update(kw)
+    return MoELayer(MoEConfig(**base))
+
+
+def x_(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, n // 2, H, generator=g)
+
+
+CONFIGS = {
+    "dropless": {},
+    "gelu": dict(activation="gelu"),
+    "shared+gate": dict(num_shared_experts=2, shared_expert_gate=True),
+    "null": dict(num_null_experts=4, top_k=3),
+    "sigmoid-groups": dict(score_func="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+    "identity-nonorm": dict(score_func="identity", norm_topk_prob=False),
+    "capacity-probs": dict(capacity_factor=0.5, min_capacity=1),
+    "capacity-position": dict(capacity_factor=0.5, min_capacity=1, drop_policy="position"),
+    "capacity-null-shared": dict(capacity_factor=0.75, min_capacity=1, num_null_experts=2, num_shared_experts=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_layer_matches_naive_reference(name):
+    layer = make(**CONFIGS[name])
+    x = x_()
+    out = layer(x)
+    ref, counts, dropped = naive_moe(layer, x, layer.cfg.capacity_factor)
+    torch.testing.assert_close(out.hidden_states, ref, rtol=1e-5, atol=1e-5)
+    assert out.stats["tokens_per_expert"].tolist() == counts.tolist()
+    assert out.stats["dropped_tokens"] == dropped
+    if layer.cfg.capacity_factor is not None:
+        assert dropped > 0, "the capacity test must actually drop something"
+
+
+def test_grouped_gemm_equals_loop():
+    a = make(num_shared_experts=1)
+    b = make(num_shared_experts=1, grouped_gemm=False)
+    x = x_()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    oa, ob = a(xa).hidden_states, b(xb).hidden_states
+    torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(oa)
+    oa.backward(g), ob.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.experts.w_in.grad, b.experts.w_in.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cf", [math.inf, 1e9])
+def test_dropless_equals_infinite_capacity(cf):
+    x = x_()
+    dropless = make()(x)
+    big = make(capacity_factor=cf)(x)
+    torch.testing.assert_close(dropless.hidden_states, big.hidden_states, rtol=0, atol=0)
+    assert big.stats["dropped_tokens"] == 0
+
+
+def test_null_experts_cut_computed_assignments_exactly():
+    layer = make(num_null_experts=4, top_k=2, router_bias=True)
+    with torch.no_grad():
+        layer.router.bias[E:] = 1.5          # make null choices popular
+    x = x_(n=64)
+    out = layer(x)
+    idx = layer.router(x.reshape(-1, H)).topk_idx
+    n_null = int((idx >= E).sum())
+    assert 0 < n_null < idx.numel()
+    assert int(out.stats["tokens_per_expert"].sum()) == idx.numel() - n_null
+    assert out.stats["null_fraction"] == pytest.approx(n_null / idx.numel())
+    # a token whose every choice is null keeps only its residual: the layer adds exactly zero
+    all_null = (idx >= E).all(-1)
+    assert all_null.any()
+    assert out.hidden_states.reshape(-1, H)[all_null].abs().max() == 0
+
+
+def _all_to_expert0(layer, n):
+    """Route every token to expert 0 as its first choice, with weights that differ per token."""
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 5.0
+    x = torch.randn(n, H)
+    x[:, 0] = torch.linspace(1, 2, n)[torch.randperm(n, generator=torch.Generator().manual_seed(3))]
+    return x
+
+
+def test_drop_policy_position_keeps_earliest_tokens():
+    layer = make(top_k=1, capacity_factor=1.0, min_capacity=1, drop_policy="position")
+    x = _all_to_expert0(layer, 16)          # capacity = ceil(16/8) = 2
+    out = layer(x).hidden_states
+    assert layer(x).stats["dropped_tokens"] == 14
+    assert (out[:2].abs().sum(-1) > 0).all() and (out[2:] == 0).all()
+
+
+def test_drop_policy_probs_keeps_highest_weights():
+    layer = make(top_k=1, capacity_factor=1.0, min_capacity=1, drop_policy="probs", norm_topk_prob=False)
+    x = _all_to_expert0(layer, 16)
+    out = layer(x).hidden_states
+    kept = (out.abs().sum(-1) > 0).nonzero().squeeze(1)
+    assert sorted(kept.tolist()) == sorted(x[:, 0].topk(2).indices.tolist())
+
+
+def test_capacity_override_and_priority():
+    layer = make(top_k=1, capacity_factor=1.0, min_capacity=1)
+    x = _all_to_expert0(layer, 16)
+    assert layer(x, capacity_factor=4.0).stats["dropped_tokens"] == 16 - 8
+    assert layer(x, capacity_factor=None).stats["dropped_tokens"] == 0
+    prio = torch.zeros(16)
+    prio[[5, 9]] = 1.0
+    out = layer(x, token_priority=prio).hidden_states
+    assert (out.abs().sum(-1) > 0).nonzero().squeeze(1).tolist() == [5, 9]
+
+
+def test_group_limited_routing_respects_groups():
+    layer = make(num_experts=16, num_groups=4, topk_groups=2, top_k=4, score_func="sigmoid")
+    idx = layer.router(torch.randn(200, H)).topk_idx
+    groups = idx // 4
+    assert max(len(set(g.tolist())) for g in groups) == 2
+
+
+def test_bias_balancing_reduces_imbalance():
+    layer = make(bias_balancing=True, bias_update_rate=0.02, score_func="sigmoid")
+    with torch.no_grad():                     # skew: experts 0 and 1 win most tokens
+        layer.router.weight[:2] += 0.5 * torch.ones(H)
+    x = torch.randn(512, H).abs()
+    layer.train()
+
+    def imbalance():
+        load = layer(x).stats["tokens_per_expert"].float()
+        return float(load.max() / load.mean())
+
+    before = imbalance()
+    for _ in range(150):
+        layer(x)
+        layer.update_expert_bias()
+    after = imbalance()
+    assert before > 2.0 and after < 1.35, (before, after)
+    assert "router.expert_bias" in layer.state_dict()
+
+
+def test_aux_losses():
+    layer = make(num_null_experts=2, aux_loss_coef=1.0)
+    uniform = torch.full((8, E + 2), 1.0 / (E + 2))
+    idx = torch.arange(8 * 2).view(8, 2) % (E + 2)
+    assert losses.load_balance_loss(uniform, idx, E).item() == pytest.approx(1.0, rel=0.25)
+    # null experts are pooled: moving load among null experts does not change the loss
+    idx_a = torch.tensor([[8, 0], [8, 1]])
+    idx_b = torch.tensor([[8, 0], [9, 1]])
+    p = torch.rand(2, E + 2).softmax(-1)
+    assert losses.load_balance_loss(p, idx_a, E) == pytest.approx(float(losses.load_balance_loss(p, idx_b, E)))
+    layer = make(aux_loss_coef=0.1, z_loss_coef=0.01, seq_aux_loss_coef=0.1, entropy_loss_coef=0.01)
+    out = layer(x_())
+    s = out.stats
+    expect = 0.1 * s["load_balance_loss"] + 0.01 * s["z_loss"] + 0.1 * s["seq_balance_loss"] + 0.01 * s["entropy_loss"]
+    assert out.aux_loss.item() == pytest.approx(float(expect), rel=1e-5)
+    out.aux_loss.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_random_routing_and_noise():
+    layer = make(random_routing=True)
+    a = layer(x_()).stats["tokens_per_expert"]
+    assert int(a.sum()) == 48 * 2
+    layer = make(router_jitter=0.1, router_temperature=2.0)
+    layer.train()
+    x = x_()
+    assert not torch.equal(layer(x).hidden_states, layer(x).hidden_states)
+    layer.eval()
+    assert torch.equal(layer(x).hidden_states, layer(x).hidden_states)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(top_k=9), "top_k"),
+    (dict(num_groups=3), "num_groups"),
+    (dict(num_groups=4, topk_groups=5), "topk_groups"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(min_capacity=8, max_capacity=4), "max_capacity"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(drop_policy="random"), "drop_policy"),
+    (dict(activation="relu"), "activation"),
+    (dict(hidden_size=0), "hidden_size"),
+])
+def test_bad_config_names_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        make(**kw)
+
+
+def test_wrong_hidden_size_names_field():
+    with pytest.raises(ValueError, match="hidden_size"):
+        make()(torch.randn(4, H + 1))
