@@ -1,0 +1,63 @@
+"""Helpers for tests that launch real multi-process jobs in a subprocess (the DeepSpeed launcher).
+
+For in-process torch.multiprocessing gloo tests see ``dist_utils.py``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and let the OS choose)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher() -> str:
+    """The ``deepspeed`` launcher of the running interpreter's environment (falls back to PATH)."""
+    exe = Path(sys.executable).parent / "deepspeed"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("deepspeed")
+    if found is None:
+        raise FileNotFoundError("no deepspeed launcher next to sys.executable or on PATH")
+    return found
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    """Environment for launched workers: the repo root importable, one OpenMP thread per rank."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra or {})
+    return env
+
+
+def run_deepspeed(script: str | Path, args: list[str] = (), num_procs: int = 2, timeout: float = 300,
+                  env: dict | None = None, retries: int = 1) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --master_port <free> script args`` (works on CPU: DeepSpeed picks its CPU
+    accelerator and gloo). stdout+stderr are captured together in ``.stdout``. Retries on a port clash."""
+    for attempt in range(retries + 1):
+        cmd = [deepspeed_launcher(), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
+               str(script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(env), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        if proc.returncode == 0 or "address already in use" not in proc.stdout.lower() or attempt == retries:
+            return proc
+    return proc
+
+
+def check_returncode(proc: subprocess.CompletedProcess, tail: int = 6000) -> None:
+    """Fail with the launched job's output tail when it exited non-zero."""
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, proc.args))} exited {proc.returncode}; output tail:\n"
+                             f"{proc.stdout[-tail:]}")
