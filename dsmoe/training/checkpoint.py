@@ -1,0 +1,166 @@
+"""dsmoe checkpoints: one format for every topology.
+
+``<output_dir>/checkpoints/step_00000100/``
+  ``model/``              an HF folder (config.json + model.safetensors) with experts gathered by global index:
+                          loadable by ``AutoModelForCausalLM.from_pretrained`` and by any expert-parallel size
+  ``deepspeed/``          DeepSpeed's own engine checkpoint (optimizer, scheduler, ZeRO partitions) for an exact
+                          resume on the same topology
+  ``rng/rank_<r>.pt``     every rank's RNG states
+  ``trainer_state.json``  step, data position, topology; written last, so its presence marks a complete save
+``<output_dir>/checkpoints/latest`` names the newest complete checkpoint.
+
+Saves are atomic: everything is written into ``step_N.tmp`` and renamed into place, and ``latest`` is replaced
+with ``os.replace``; a kill during a save leaves the previous checkpoint and ``latest`` untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``output_dir`` (``latest``, else the newest with a state file)."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        cand = root / pointer.read_text().strip()
+        if (cand / STATE_FILE).exists():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Collective: the unsharded model state on rank 0 (None elsewhere), experts gathered by global index."""
+    from .parallel import moe_layers
+    from dsmoe.moe import MoELayer
+
+    expert_params = {}
+    for layer in moe_layers(model):
+        if isinstance(layer, MoELayer) and layer.expert_parallel_size > 1:
+            for p in layer.experts.parameters():
+                expert_params[id(p)] = layer.dispatcher.group
+    ctx = _gathered(list(model.parameters())) if zero_stage == 3 else _nullctx()
+    out: dict[str, torch.Tensor] = {}
+    with ctx:
+        for name, t in model.state_dict(keep_vars=True).items():     # persistent entries only
+            group = expert_params.get(id(t))
+            t = t.detach()
+            if group is not None:
+                parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, t.contiguous(), group=group)
+                t = torch.cat(parts, 0)
+            if dist.get_rank() == 0:
+                out[name] = t.to("cpu", copy=True).contiguous()
+    return out if dist.get_rank() == 0 else None
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _gathered(params):
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def save_hf_folder(state: dict[str, torch.Tensor], config, folder: Path) -> None:
+    """Write config.json + model.safetensors (tied lm_head dropped, as transformers does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = dict(state)
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    persistent = {k: v for k, v in state.items()}
+    save_file(persistent, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+
+
+def load_hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / "model.safetensors"
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing; the checkpoint is incomplete - delete {folder.parent} to start over "
+                              f"or point train.output_dir elsewhere")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"{f}: unreadable ({e}); delete {folder.parent} to fall back to an older checkpoint")
+
+
+def save_checkpoint(engine, model, step: int, output_dir: str | os.PathLike, trainer_state: dict[str, Any],
+                    zero_stage: int, keep: int) -> Path:
+    """Collective. Returns the final checkpoint path."""
+    rank = dist.get_rank()
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    state = full_state_dict(model, zero_stage)
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        save_hf_folder(state, model.config, tmp / "model")
+    dist.barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / "latest.tmp"
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, root / "latest")
+        old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    f = ckpt / STATE_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e}); delete {ckpt} to resume from the previous checkpoint")

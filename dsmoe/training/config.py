@@ -1,0 +1,249 @@
+"""The run configuration: sections model, data, train, parallel, plus the DeepSpeed JSON path.
+
+One YAML file (``launch/configs/*.yaml``) plus dotted overrides (``model.n_routed_experts=16``). Every
+error is a :class:`ConfigError` whose message is one line naming the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsmoe.data import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; ``launch/train.py`` prints it as one line and exits with code 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    output_dir: str = "runs/quickstart"
+    """Where checkpoints, metrics.jsonl, TensorBoard events and plots go; re-running resumes from it."""
+    max_steps: int = 300
+    """Optimizer steps to train for (the run ends there; a resumed run continues up to it)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per micro step."""
+    grad_accum_steps: int = 1
+    """Micro steps per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of ``lr``."""
+    warmup_steps: int = 20
+    """Linear learning-rate warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and router expert biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    seed: int = 0
+    """Seed of the model init and every random stream (each rank offsets it by its rank)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines / TensorBoard points."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0 = only at the end)."""
+    eval_batches: int = 0
+    """Validation batches per evaluation (0 = the whole validation split)."""
+    steps_per_run: int = 0
+    """Stop (with a checkpoint) after this many steps in one invocation, as if preempted; 0 = run to max_steps.
+    For job slots shorter than the run: re-running the command continues."""
+    save_every: int = 100
+    """Steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    plots: bool = True
+    """Write loss-curve and expert-load PNGs at the end."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over processes."""
+
+    expert_parallel_size: int = 1
+    """Ranks that share one copy of the experts (each holds E/ep of them); must divide the world size."""
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of :class:`dsmoe.models.RoutedLMConfig` (vocab_size is taken from the tokenizer)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: str = "ds_configs/debug.json"
+    """Path of a DeepSpeed JSON config (relative paths: the working directory, then the dsmoe repo)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
+                "parallel": dataclasses.asdict(self.parallel), "deepspeed": self.deepspeed}
+
+    def deepspeed_path(self) -> Path:
+        return resolve_path(self.deepspeed, "deepspeed")
+
+    def load_deepspeed(self) -> dict[str, Any]:
+        path = self.deepspeed_path()
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed={self.deepspeed}: not valid JSON ({e}); fix the file") from None
+
+
+def resolve_path(value: str, key: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    for cand in (p, REPO_ROOT / p):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"{key}={value}: file not found (looked in {Path.cwd()} and {REPO_ROOT}); give an existing path")
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if value is None:
+        return None
+    typ = str(f.type)
+    if isinstance(default, bool) or typ == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if isinstance(default, int) and "float" not in typ:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if isinstance(default, float) or typ.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(value)
+    return value
+
+
+def _build_section(section: str, cls, values: dict[str, Any]):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}={values!r}: expected a mapping of keys")
+    known = {f.name: f for f in fields(cls)}
+    for k in values:
+        if k not in known:
+            raise ConfigError(f"{section}.{k}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(section, known[k], v) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_path(str(path), "--config")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: expected a mapping with sections model, data, train, parallel")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like section.key=value")
+        k, v = item.split("=", 1)
+        _set_dotted(tree, k.strip(), _parse_scalar(v))
+    sections = {"model", "data", "train", "parallel", "deepspeed"}
+    for k in tree:
+        if k not in sections:
+            raise ConfigError(f"{k}: unknown section (known: {', '.join(sorted(sections))})")
+    model = tree.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model={model!r}: expected a mapping of RoutedLMConfig keys")
+    cfg = RunConfig(
+        model=dict(model),
+        data=_build_data(tree.get("data") or {}),
+        train=_build_section("train", TrainConfig, tree.get("train") or {}),
+        parallel=_build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
+        deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
+    )
+    validate(cfg)
+    return cfg
+
+
+def _build_data(values: dict[str, Any]) -> DataConfig:
+    known = {f.name for f in fields(DataConfig)}
+    for k in values:
+        if k not in known:
+            raise ConfigError(f"data.{k}: unknown key (known: {', '.join(sorted(known))})")
+    try:
+        return DataConfig(**values)
+    except (TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from None
+
+
+def model_keys() -> set[str]:
+    """The keys a ``model:`` section may set: RoutedLMConfig's own fields."""
+    from dsmoe.models import RoutedLMConfig
+    keys: set[str] = set()
+    for klass in RoutedLMConfig.__mro__:
+        if klass.__name__ == "RoutedLMConfig":
+            keys |= set(getattr(klass, "__annotations__", {}))
+    return keys | {"vocab_size"}
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check every parallel degree against the model in one place, before anything is built."""
+    from dsmoe.models import RoutedLMConfig
+
+    t, ep = cfg.train, cfg.parallel.expert_parallel_size
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be a positive integer")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr}: must be > 0")
+    if ep <= 0:
+        raise ConfigError(f"parallel.expert_parallel_size={ep}: must be a positive integer")
+    known = model_keys()
+    for k in cfg.model:
+        if k not in known:
+            raise ConfigError(f"model.{k}: unknown key; see RoutedLMConfig in dsmoe/models/configuration_routed_lm.py")
+    try:
+        mcfg = RoutedLMConfig(**{**cfg.model, "vocab_size": cfg.model.get("vocab_size", 256)})
+    except (TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
+    if mcfg.use_moe and mcfg.n_routed_experts % ep:
+        raise ConfigError(f"model.n_routed_experts={mcfg.n_routed_experts}: not divisible by "
+                          f"parallel.expert_parallel_size={ep}; pick a divisor")
+    if world_size is not None and world_size % ep:
+        raise ConfigError(f"parallel.expert_parallel_size={ep}: does not divide the world size {world_size}")
+    cfg.deepspeed_path()

@@ -1,0 +1,102 @@
+"""Checkpoint -> Hugging Face folder, and held-out evaluation of a checkpoint or HF folder."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """Accept a run's output_dir, a checkpoint dir (step_N) or an HF folder; return the HF folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory; give a run output_dir, a checkpoint or an HF folder")
+    if (p / "config.json").exists() and (p / "model.safetensors").exists():
+        return p
+    if (p / STATE_FILE).exists():
+        return p / "model"
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise CheckpointError(f"{p}: holds no complete checkpoint (no checkpoints/step_*/{STATE_FILE}) and is "
+                              f"not an HF folder")
+    return ckpt / "model"
+
+
+def run_config_of(path: str | Path) -> dict | None:
+    """The run config a checkpoint was trained with (for its data split), if known."""
+    p = Path(path)
+    for cand in (p / STATE_FILE, p.parent / STATE_FILE):
+        if cand.exists():
+            return json.loads(cand.read_text()).get("config")
+    ckpt = latest_checkpoint(p) if p.is_dir() else None
+    if ckpt is not None:
+        return json.loads((ckpt / STATE_FILE).read_text()).get("config")
+    return None
+
+
+def export_hf(src: str | Path, out_dir: str | Path, tokenizer: bool = True) -> Path:
+    """Write an HF folder (config + safetensors, experts in global order) that
+    ``import dsmoe; AutoModelForCausalLM.from_pretrained(out_dir)`` loads."""
+    import dsmoe  # noqa: F401  (registers the model with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_folder(src)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new OUT_DIR (nothing was overwritten)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    run_cfg = run_config_of(src)
+    if tokenizer and run_cfg is not None:
+        tok = _tokenizer_for(run_cfg, Path(src))
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _tokenizer_for(run_cfg: dict, src: Path):
+    from dsmoe.data import DataConfig, build_data
+    out_dir = run_cfg.get("train", {}).get("output_dir")
+    try:
+        return build_data(DataConfig(**run_cfg["data"]), output_dir=out_dir).tokenizer
+    except Exception:  # noqa: BLE001 - the tokenizer is a convenience; the weights are the export
+        return None
+
+
+@torch.no_grad()
+def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_size: int = 8,
+                    max_batches: int = 0) -> dict:
+    """Held-out perplexity of a checkpoint / HF folder on the validation split of its run's data config."""
+    import dsmoe  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    from dsmoe.data import DataConfig, build_data
+
+    folder = resolve_model_folder(src)
+    run_cfg = run_config_of(src) or {}
+    data_cfg = {**run_cfg.get("data", {}), **(data_overrides or {})}
+    data = build_data(DataConfig(**data_cfg), output_dir=run_cfg.get("train", {}).get("output_dir"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if data.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{folder}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                              f"{data.vocab_size}; evaluate with the data config the model was trained on")
+    nll, n = 0.0, 0
+    for i, batch in enumerate(data.val_batches(batch_size, rank=0, world_size=1)):
+        if max_batches and i >= max_batches:
+            break
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        k = int((batch["labels"][:, 1:] != -100).sum())
+        nll += float(out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss) * k
+        n += k
+    mean = nll / max(n, 1)
+    return {"model": str(folder), "val_tokens": n, "val_loss": mean, "val_perplexity": math.exp(min(mean, 50))}

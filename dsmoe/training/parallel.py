@@ -1,0 +1,129 @@
+"""DeepSpeed process groups and expert-parameter tagging: the only place that touches DeepSpeed's private
+expert-parallel attributes (../shared/notes/deepspeed.md). Tested by the multi-process training tests."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsmoe.moe import MoELayer
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launched: bool
+    """True under a launcher (deepspeed/torchrun/srun); False in debug mode (world size 1, no launcher)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the launcher's process group, or create a world of one (debug mode) on the same code path."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, launched)
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """All token-level MoE layers of a model (both backends), in module order."""
+    from dsmoe.moe.deepspeed_layer import DeepSpeedMoELayer
+    return [m for m in model.modules() if isinstance(m, (MoELayer, DeepSpeedMoELayer))]
+
+
+def setup_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> None:
+    """Create DeepSpeed's expert/expert-data groups for ``ep_size`` and shard every MoE layer over them.
+
+    Must run after :func:`init_distributed` and before ``deepspeed.initialize`` (ZeRO-3 partitions parameters
+    inside initialize, reading the attributes set here).
+    """
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    edp_group = groups._get_expert_data_parallel_group(name)
+    for layer in moe_layers(model):
+        if isinstance(layer, MoELayer):
+            if ep_size > 1:
+                layer.apply_expert_parallel(ep_group)
+            for p in layer.experts.parameters():
+                p.allreduce = False
+                p.group_name = name
+                if zero_stage == 3:
+                    p.ds_zero_placement_family = "autoep_expert"
+                    p.ds_zero_partition_group_name = name
+                    p.ds_zero_partition_process_group = edp_group
+        else:  # DeepSpeed's native layer tags its own parameters
+            if zero_stage == 3:
+                raise ValueError("model.moe_backend=deepspeed: DeepSpeed's native MoE refuses ZeRO stage 3; "
+                                 "use moe_backend=dsmoe or a zero1/zero2 config")
+            layer.apply_expert_parallel(ep_group)
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay / no-decay (norms, biases, 1-d params), each split into dense and per-EP-group
+    expert groups as DeepSpeed's ZeRO requires."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or n.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+@contextmanager
+def engine_knows_dsmoe_layers():
+    """While active, DeepSpeed engines treat dsmoe's own MoE layers as MoE layers.
+
+    DeepSpeed 0.19 sets ``engine.has_moe_layers`` only for its own ``MoE``/AutoEP classes; without it the engine
+    builds no expert-gradient buckets and ZeRO-1/2 would partition expert parameters like dense ones. We set it
+    right after ``_configure_distributed_model`` (which broadcasts by the per-parameter ``allreduce``/``group_name``
+    attributes, so sharded experts are never overwritten) and before the optimizer is configured.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._configure_distributed_model
+
+    def configure(self, module):
+        original(self, module)
+        ours = [m for m in module.modules() if isinstance(m, MoELayer)]
+        if ours and not self.has_moe_layers:
+            self.has_moe_layers = True
+            self.num_experts = [m.cfg.num_experts for m in ours]
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original

@@ -1,0 +1,335 @@
+"""The one trainer: data -> model -> expert parallelism -> DeepSpeed engine -> loop, with resume.
+
+Debug mode and multi-process runs share this code path; only the process group differs (world of one
+without a launcher). Communication beyond DeepSpeed's own is the MoE dispatcher's and a few all-reduces of
+scalars for logging and stopping.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (CheckpointError, latest_checkpoint, load_hf_state, read_trainer_state, save_checkpoint,
+                         set_rng_state)
+from .config import ConfigError, RunConfig, validate
+from .metrics import MetricsLogger, truncate_after, write_plots
+from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, moe_layers, optimizer_param_groups,
+                       setup_expert_parallel)
+
+log = logging.getLogger("dsmoe.train")
+
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    val_perplexity: float | None
+    checkpoint: str | None
+    stopped_early: bool = False
+    files: list[str] = field(default_factory=list)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The JSON config with the batch sizes, clipping and precision filled in from the run config."""
+    ds = cfg.load_deepspeed()
+    t = cfg.train
+    for key, want in (("train_micro_batch_size_per_gpu", t.micro_batch_size),
+                      ("gradient_accumulation_steps", t.grad_accum_steps)):
+        if ds.get(key, "auto") not in ("auto", want):
+            raise ConfigError(f"deepspeed={cfg.deepspeed}: {key}={ds[key]} disagrees with train "
+                              f"({want}); set it to \"auto\" in the JSON or change train.*")
+        ds[key] = want
+    ds.pop("train_batch_size", None)
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = t.grad_clip
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("wall_clock_breakdown", False)
+    for prec in ("bf16", "fp16"):
+        if ds.get(prec, {}).get("enabled") == "auto":
+            ds[prec]["enabled"] = torch.cuda.is_available() and (prec == "bf16")
+    return ds
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, debug: bool = False):
+        self.cfg = cfg
+        self.debug = debug
+        self._stop = False
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self):
+        import deepspeed
+        from dsmoe.data import build_data
+        from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM
+
+        cfg, t = self.cfg, self.cfg.train
+        self.dist: DistInfo = init_distributed()
+        rank, world = self.dist.rank, self.dist.world_size
+        if self.debug and world != 1:
+            raise ConfigError(f"--debug runs one process without a launcher, but WORLD_SIZE={world}; "
+                              f"drop --debug under deepspeed/torchrun")
+        validate(cfg, world)
+        self.out = Path(t.output_dir)
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        # data: rank 0 trains/caches the tokenizer first, the others then hit the cache
+        if rank == 0:
+            self.data = build_data(cfg.data, output_dir=self.out)
+        dist.barrier()
+        if rank != 0:
+            self.data = build_data(cfg.data, output_dir=self.out)
+        tok = self.data.tokenizer
+        mkw = {"vocab_size": self.data.vocab_size, "eos_token_id": tok.eos_token_id,
+               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+               "max_position_embeddings": max(cfg.data.seq_len, cfg.model.get("max_position_embeddings", 0)),
+               **{k: v for k, v in cfg.model.items() if k != "vocab_size"}}
+        try:
+            mcfg = RoutedLMConfig(**mkw)
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+
+        torch.manual_seed(t.seed)                      # identical init on every rank
+        model = RoutedLMForCausalLM(mcfg)
+
+        self.ds_config = prepare_deepspeed_config(cfg)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.ep = cfg.parallel.expert_parallel_size
+        self.topology = {"world_size": world, "expert_parallel_size": self.ep, "zero_stage": self.zero_stage}
+
+        # resume: weights are loaded unsharded, so any expert-parallel size can continue from any other
+        self.ckpt = latest_checkpoint(self.out)
+        self.state: dict[str, Any] = {}
+        if self.ckpt is not None:
+            self.state = read_trainer_state(self.ckpt)
+            self._check_compatible(mcfg)
+            sd = load_hf_state(self.ckpt / "model")
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.endswith("load_accum") and k != "lm_head.weight"]
+            if missing or unexpected:
+                raise CheckpointError(f"{self.ckpt / 'model'}: weights do not fit the model (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]}); the model config changed since the checkpoint")
+            if mcfg.tie_word_embeddings:
+                model.tie_weights()
+
+        setup_expert_parallel(model, self.ep, self.zero_stage)
+        model.to(self.dist.device)
+        groups = optimizer_param_groups(model, t.weight_decay)
+        total = t.max_steps
+
+        def sched(opt):
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_lambda(s, t.warmup_steps, total, t.min_lr_ratio))
+
+        with engine_knows_dsmoe_layers():
+            if "optimizer" in self.ds_config:        # e.g. CPU-offload configs name DeepSpeed's own Adam
+                params = self.ds_config["optimizer"].setdefault("params", {})
+                if params.get("lr", "auto") == "auto":
+                    params["lr"] = t.lr
+                engine, opt, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                 lr_scheduler=sched, config=self.ds_config)
+            else:
+                opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+                engine, opt, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                                 config=self.ds_config)
+        self.engine, self.optimizer, self.scheduler = engine, opt, scheduler
+        self.model = engine.module
+        self.start_step = 0
+        self.loader = self.data.train_loader(t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
+        if self.ckpt is not None:
+            self._restore()
+        else:
+            torch.manual_seed(t.seed + 1000 * (rank + 1))
+
+    def _check_compatible(self, mcfg) -> None:
+        saved = json.loads((self.ckpt / "model" / "config.json").read_text())
+        for key in ("hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "use_moe",
+                    "moe_intermediate_size", "use_null_expert", "n_shared_experts"):
+            if key in saved and saved[key] != getattr(mcfg, key, None):
+                raise CheckpointError(f"{self.ckpt}: was written with model.{key}={saved[key]}, the config now says "
+                                      f"{getattr(mcfg, key, None)}; use another train.output_dir or the old value")
+
+    def _restore(self) -> None:
+        st, rank = self.state, self.dist.rank
+        same = st.get("topology") == self.topology
+        if same:
+            load_path, _ = self.engine.load_checkpoint(str(self.ckpt / "deepspeed"), tag="state",
+                                                       load_module_strict=False)
+            if load_path is None:
+                raise CheckpointError(f"{self.ckpt / 'deepspeed'}: DeepSpeed could not load it; delete {self.ckpt} "
+                                      f"to resume from the previous checkpoint")
+            rng = self.ckpt / "rng" / f"rank_{rank}.pt"
+            if rng.exists():
+                set_rng_state(torch.load(rng, weights_only=False))
+        else:
+            # another topology: weights came from the gathered HF folder; the optimizer moments start fresh
+            for _ in range(st["step"]):
+                self.scheduler.step()
+            torch.manual_seed(self.cfg.train.seed + 1000 * (rank + 1) + st["step"])
+            if rank == 0:
+                log.warning("resuming %s written with %s on %s: weights, step, schedule and data position are "
+                            "restored; optimizer moments restart", self.ckpt.name, st.get("topology"), self.topology)
+        self.loader.load_state_dict(st["data"])
+        self.start_step = int(st["step"])
+        if rank == 0:
+            truncate_after(self.out / "metrics.jsonl", self.start_step)
+
+    # ------------------------------------------------------------------ loop
+    def _on_sigterm(self, *_):
+        self._stop = True
+
+    def _sync_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.dist.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save(self, step: int) -> Path:
+        state = {"topology": self.topology, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
+        return save_checkpoint(self.engine, self.model, step, self.out, state, self.zero_stage,
+                               self.cfg.train.keep_checkpoints)
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 0) -> tuple[float, float]:
+        """Held-out mean token NLL and perplexity over the validation split (all ranks)."""
+        self.engine.eval()
+        nll = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for i, batch in enumerate(self.data.val_batches(self.cfg.train.micro_batch_size, self.dist.rank,
+                                                        self.dist.world_size)):
+            if max_batches and i >= max_batches:
+                break
+            labels = batch["labels"].to(self.dist.device)
+            out = self.engine(input_ids=batch["input_ids"].to(self.dist.device), labels=labels)
+            n = (labels[:, 1:] != -100).sum()
+            nll += torch.stack([out.lm_loss.double() * n, n.double()])
+        dist.all_reduce(nll)
+        self.engine.train()
+        mean = float(nll[0] / nll[1].clamp_min(1))
+        return mean, math.exp(min(mean, 50))
+
+    def run(self) -> RunSummary:
+        self._build()
+        cfg, t, rank = self.cfg, self.cfg.train, self.dist.rank
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        metrics = MetricsLogger(self.out, rank == 0)
+        layers = moe_layers(self.model)
+        load_total = None
+        bar = None
+        if rank == 0 and t.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+        window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        step, loss_val, last_saved, stopped = self.start_step, None, None, False
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dist.world_size
+        while step < t.max_steps:
+            usage = None
+            for _ in range(t.grad_accum_steps):
+                batch = next(self.loader)
+                out = self.engine(input_ids=batch["input_ids"].to(self.dist.device),
+                                  labels=batch["labels"].to(self.dist.device), step=step)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                window["loss"] += float(out.lm_loss.detach())
+                window["aux"] += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+                window["n"] += 1
+                if out.expert_usage:
+                    u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
+                    usage = u if usage is None else usage + u
+            for layer in layers:
+                if hasattr(layer, "update_expert_bias"):
+                    layer.update_expert_bias()
+            step += 1
+            window["tokens"] += tokens_per_step
+            if usage is not None:
+                load_total = usage if load_total is None else load_total + usage
+            if bar is not None:
+                bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                record = self._log_record(step, window, usage, out)
+                loss_val = record["loss"]
+                if t.eval_every and step % t.eval_every == 0:
+                    record["val_loss"], record["val_ppl"] = self.evaluate(t.eval_batches)
+                metrics.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            if step % t.save_every == 0 and step < t.max_steps:
+                last_saved = self._save(step)
+            if self._sync_stop():
+                stopped = True
+                break
+            if t.steps_per_run and step - self.start_step >= t.steps_per_run and step < t.max_steps:
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        ckpt = self._save(step) if (last_saved is None or not last_saved.name.endswith(f"{step:08d}")) \
+            and step > self.start_step or stopped else (last_saved or self.ckpt)
+        summary = RunSummary(str(self.out), step, loss_val, None, None, str(ckpt) if ckpt else None, stopped)
+        if not stopped:
+            summary.val_loss, summary.val_perplexity = self.evaluate(t.eval_batches)
+            metrics.log({"step": step, "val_loss": summary.val_loss, "val_ppl": summary.val_perplexity})
+        metrics.close()
+        if rank == 0:
+            if t.plots and not stopped:
+                ids = [i for i, _ in enumerate(layers)]
+                summary.files += [str(p) for p in write_plots(self.out, load_total, ids)]
+            summary.files += [str(self.out / "metrics.jsonl"), str(self.out / "tensorboard")]
+            (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
+            self._print_summary(summary, load_total)
+        signal.signal(signal.SIGTERM, old_handler)
+        dist.barrier()
+        return summary
+
+    def _log_record(self, step, window, usage, out) -> dict[str, Any]:
+        vals = torch.tensor([window["loss"], window["aux"], window["n"]], dtype=torch.float64,
+                            device=self.dist.device)
+        dist.all_reduce(vals)
+        elapsed = time.perf_counter() - window["t0"]
+        record: dict[str, Any] = {
+            "step": step, "loss": float(vals[0] / vals[2]), "aux_loss": float(vals[1] / vals[2]),
+            "lr": float(self.scheduler.get_last_lr()[0]), "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+        }
+        if usage is not None:
+            share = usage / usage.sum(-1, keepdim=True).clamp_min(1)
+            record["expert_load"] = [[round(float(v), 4) for v in row] for row in share]
+            record["imbalance"] = [round(float(r.max() / r.mean().clamp_min(1e-9)), 3) for r in usage]
+        for key in ("dropped_tokens", "null_fraction"):
+            vals = [s.get(key) for s in (getattr(out, "moe_stats", None) or []) if s.get(key) is not None]
+            if vals:
+                record[key] = [float(v) for v in vals]
+        return record
+
+    def _print_summary(self, s: RunSummary, load) -> None:
+        why = "SIGTERM" if self._stop else "train.steps_per_run"
+        lines = [f"done: {s.steps} steps" + (f" (stopped by {why}; re-run the same command to resume)"
+                                             if s.stopped_early else "")]
+        if s.val_loss is not None:
+            lines.append(f"held-out loss {s.val_loss:.4f}  perplexity {s.val_perplexity:.2f}")
+        if load is not None:
+            lines.append("expert load (share of computed assignments, min / max per MoE layer):")
+            share = load / load.sum(-1, keepdim=True).clamp_min(1)
+            for i, row in enumerate(share):
+                lines.append(f"  layer {i}: min {float(row.min()):.3f}  max {float(row.max()):.3f}  "
+                             f"(uniform {1 / row.numel():.3f})")
+        lines.append(f"checkpoint: {s.checkpoint}")
+        lines.append(f"wrote: {', '.join(s.files + [str(Path(s.output_dir) / 'summary.json')])}")
+        print("\n".join(lines), flush=True)
