@@ -1,0 +1,19 @@
+"""Hugging Face compatible models built on dsmoe.moe.
+
+Importing this package registers ``model_type="dsmoe_routed_lm"`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForCausalLM`` (``import dsmoe`` does it), so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a
+saved :class:`RoutedLMForCausalLM`.
+"""
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_routed_lm import RoutedLMConfig
+from .interop import from_hf, to_hf, upcycle
+from .modeling_routed_lm import (RoutedLMCausalLMOutput, RoutedLMForCausalLM, RoutedLMModel, RoutedLMModelOutput,
+                                 RoutedLMPreTrainedModel)
+
+AutoConfig.register(RoutedLMConfig.model_type, RoutedLMConfig, exist_ok=True)
+AutoModel.register(RoutedLMConfig, RoutedLMModel, exist_ok=True)
+AutoModelForCausalLM.register(RoutedLMConfig, RoutedLMForCausalLM, exist_ok=True)
+
+__all__ = ["RoutedLMConfig", "RoutedLMModel", "RoutedLMForCausalLM", "RoutedLMPreTrainedModel",
+           "RoutedLMModelOutput", "RoutedLMCausalLMOutput", "from_hf", "to_hf", "upcycle"]
