@@ -31,16 +31,12 @@ _MODEL_STATE = ("model.moe_step", "model.router_reset_done")    # RoutedLM-only 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _hf_class(family: str):
-    import transformers
-    return {"llama": transformers.LlamaForCausalLM, "mixtral": transformers.MixtralForCausalLM,
-            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM}[family]
-
-
-def _hf_config_class(family: str):
-    import transformers
-    return {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
-            "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig}[family]
+def _hf_classes(family: str):
+    """(config class, causal LM class) of a supported transformers family."""
+    import transformers as t
+    return {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "mixtral": (t.MixtralConfig, t.MixtralForCausalLM),
+            "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM),
+            "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM)}[family]
 
 
 def _is_moe_key(key: str, moe_layers) -> bool:
@@ -249,7 +245,7 @@ def _hf_config(family: str, cfg: RoutedLMConfig):
         extra = dict(intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.n_routed_experts,
                      norm_topk_prob=cfg.norm_topk_prob, clip_qkv=cfg.clip_qkv, attention_bias=cfg.attention_bias,
                      **moe)
-    return _hf_config_class(family)(**common, **extra)
+    return _hf_classes(family)[0](**common, **extra)
 
 
 def to_hf(model: RoutedLMForCausalLM) -> nn.Module:
@@ -264,7 +260,7 @@ def to_hf(model: RoutedLMForCausalLM) -> nn.Module:
         why = "; ".join(f"{f}: {', '.join(p)}" for f, p in problems.items())
         raise ValueError(f"to_hf: no transformers architecture matches this RoutedLM ({why})")
     cfg = model.config
-    hf_model = _hf_class(family)(_hf_config(family, cfg)).to(**_like(model))
+    hf_model = _hf_classes(family)[1](_hf_config(family, cfg)).to(**_like(model))
     tied = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     _load_non_moe(hf_model, model.state_dict(), cfg.moe_layers, tied, f"to_hf ({family})")
     for i in cfg.moe_layers:
