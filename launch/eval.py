@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run output_dir, checkpoints/step_N folder, or HF folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.micro_batch_size")
+    p.add_argument("--max-batches", type=int, default=None, help="default: the run's train.eval_batches (0 = all)")
     p.add_argument("overrides", nargs="*", help="data.key=value (e.g. data.year_min=1950 for a period)")
     a = p.parse_args(argv)
     import yaml

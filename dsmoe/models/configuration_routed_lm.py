@@ -102,6 +102,9 @@ class RoutedLMConfig(PreTrainedConfig):
     # ---------------------------------------------------------------- capacity
     expert_capacity_factor: float | None = None
     """None = dropless; else capacity = clamp(ceil(cf * tokens * k / E), min_expert_capacity, max_expert_capacity)."""
+    eval_dropless: bool = True
+    """Evaluate (eval mode: validation, generate) without capacity drops, so held-out numbers do not depend on the
+    batch size or the number of ranks. False = use expert_capacity_factor at evaluation too."""
     warmup_capacity_factor: float | None = None
     """Capacity factor at step 0 of the MoE warmup, growing linearly to expert_capacity_factor by
     moe_warmup_steps. Default: expert_capacity_factor / 2. Ignored when dropless."""
@@ -181,6 +184,7 @@ class RoutedLMConfig(PreTrainedConfig):
                 num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
                 num_shared_experts=self.n_shared_experts, shared_expert_gate=self.shared_expert_gate,
                 num_null_experts=self.use_null_expert, capacity_factor=self.expert_capacity_factor,
+                eval_capacity_factor=math.inf if self.eval_dropless else None,
                 min_capacity=self.min_expert_capacity, max_capacity=self.max_expert_capacity,
                 score_func=self.scoring_func, num_groups=self.n_group, topk_groups=self.topk_group,
                 norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.router_scaling_factor,

@@ -1,7 +1,7 @@
 """Top-k router: scores, group-limited selection, aux-loss-free bias, noise and random routing."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,9 @@ from torch import nn
 from .config import MoEConfig
 
 
-@dataclass
-class RouterOutput:
+class RouterOutput(NamedTuple):
+    """A NamedTuple so ZeRO-3 can hook its tensors (it re-gathers the router weight for backward through them)."""
+
     topk_idx: torch.Tensor      # (N, k) long, values in [0, E + n_null); >= E means a null expert
     topk_weight: torch.Tensor   # (N, k) fp32 weights applied to the expert outputs
     probs: torch.Tensor         # (N, C) fp32 per-token routing distribution (for the balance losses)

@@ -27,16 +27,19 @@ def resolve_model_folder(path: str | Path) -> Path:
     return ckpt / "model"
 
 
-def run_config_of(path: str | Path) -> dict | None:
-    """The run config a checkpoint was trained with (for its data split), if known."""
+def trainer_state_of(path: str | Path) -> dict:
+    """The trainer state (run config, topology) of a run dir / checkpoint / its HF folder; {} if unknown."""
     p = Path(path)
     for cand in (p / STATE_FILE, p.parent / STATE_FILE):
         if cand.exists():
-            return json.loads(cand.read_text()).get("config")
+            return json.loads(cand.read_text())
     ckpt = latest_checkpoint(p) if p.is_dir() else None
-    if ckpt is not None:
-        return json.loads((ckpt / STATE_FILE).read_text()).get("config")
-    return None
+    return json.loads((ckpt / STATE_FILE).read_text()) if ckpt is not None else {}
+
+
+def run_config_of(path: str | Path) -> dict | None:
+    """The run config a checkpoint was trained with (for its data split), if known."""
+    return trainer_state_of(path).get("config")
 
 
 def export_hf(src: str | Path, out_dir: str | Path, tokenizer: bool = True) -> Path:
@@ -75,15 +78,24 @@ def _tokenizer_for(run_cfg: dict, src: Path):
 
 
 @torch.no_grad()
-def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_size: int = 8,
-                    max_batches: int = 0) -> dict:
-    """Held-out perplexity of a checkpoint / HF folder on the validation split of its run's data config."""
+def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_size: int | None = None,
+                    max_batches: int | None = None) -> dict:
+    """Held-out perplexity of a checkpoint / HF folder on the validation split of its run's data config.
+
+    Batch size and count default to the run's, so the blocks scored are the trainer's: ``train.eval_batches`` per
+    rank over W ranks (strided) is the first ``eval_batches * W`` batches here. Evaluation is dropless by default
+    (``eval_dropless``), so the per-token losses do not depend on how the blocks were batched."""
     import dsmoe  # noqa: F401
     from transformers import AutoModelForCausalLM
     from dsmoe.data import DataConfig, build_data
 
     folder = resolve_model_folder(src)
-    run_cfg = run_config_of(src) or {}
+    state = trainer_state_of(src)
+    run_cfg = state.get("config") or {}
+    train_cfg = run_cfg.get("train", {})
+    batch_size = batch_size or train_cfg.get("micro_batch_size", 8)
+    if max_batches is None:
+        max_batches = train_cfg.get("eval_batches", 0) * state.get("topology", {}).get("world_size", 1)
     data_cfg = {**run_cfg.get("data", {}), **(data_overrides or {})}
     data = build_data(DataConfig(**data_cfg), output_dir=run_cfg.get("train", {}).get("output_dir"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -99,4 +111,4 @@ def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_s
         nll += float(out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss) * k
         n += k
     mean = nll / max(n, 1)
-    return {"model": str(folder), "val_tokens": n, "val_loss": mean, "val_perplexity": math.exp(min(mean, 50))}
+    return {"model": str(folder), "batch_size": batch_size, "val_tokens": n, "val_loss": mean, "val_perplexity": math.exp(min(mean, 50))}

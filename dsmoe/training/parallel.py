@@ -103,14 +103,19 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @contextmanager
-def engine_knows_dsmoe_layers():
+def engine_knows_dsmoe_layers(zero_stage: int):
     """While active, DeepSpeed engines treat dsmoe's own MoE layers as MoE layers.
 
     DeepSpeed 0.19 sets ``engine.has_moe_layers`` only for its own ``MoE``/AutoEP classes; without it the engine
     builds no expert-gradient buckets and ZeRO-1/2 would partition expert parameters like dense ones. We set it
     right after ``_configure_distributed_model`` (which broadcasts by the per-parameter ``allreduce``/``group_name``
     attributes, so sharded experts are never overwritten) and before the optimizer is configured.
+    Under ZeRO-3 the flag stays off: stage 3 partitions and reduces expert parameters by their ``ds_zero_*``
+    attributes (set in :func:`setup_expert_parallel`), and with the flag on it would demand AutoEP layers.
     """
+    if zero_stage == 3:
+        yield
+        return
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     original = DeepSpeedEngine._configure_distributed_model

@@ -140,7 +140,7 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_lambda(s, t.warmup_steps, total, t.min_lr_ratio))
 
-        with engine_knows_dsmoe_layers():
+        with engine_knows_dsmoe_layers(self.zero_stage):
             if "optimizer" in self.ds_config:        # e.g. CPU-offload configs name DeepSpeed's own Adam
                 params = self.ds_config["optimizer"].setdefault("params", {})
                 if params.get("lr", "auto") == "auto":
