@@ -120,7 +120,7 @@ def test_aux_loss_ramp():
 
 
 def test_capacity_drops_reported():
-    model = randomise(make(expert_capacity_factor=0.5, min_expert_capacity=1))
+    model = randomise(make(expert_capacity_factor=0.5, min_expert_capacity=1, eval_dropless=False))
     out = model(ids(b=4, t=16))
     stats = out.moe_stats[0]
     cap = stats["capacity"]
@@ -141,8 +141,8 @@ def test_null_experts_reported():
 
 
 def test_learned_token_importance_is_trained_and_orders_drops():
-    plain = randomise(make())
-    scored = make(learned_token_importance=True)
+    plain = randomise(make(eval_dropless=False))
+    scored = make(learned_token_importance=True, eval_dropless=False)
     missing, unexpected = scored.load_state_dict(plain.state_dict(), strict=False)
     assert all("importance" in k for k in missing) and missing and not unexpected
     scored.eval()
@@ -445,3 +445,15 @@ def test_bad_config_names_the_field(kw, field):
 
 def test_null_experts_allow_larger_k():
     assert tiny(n_routed_experts=4, use_null_expert=2, num_experts_per_tok=6).moe_config().top_k == 6
+
+
+def test_evaluation_is_dropless_by_default():
+    model = randomise(make(expert_capacity_factor=0.5, min_expert_capacity=1))
+    x = ids(b=4, t=16)
+    model.train()
+    assert model(x).moe_stats[0]["dropped_tokens"] > 0
+    model.eval()
+    out = model(x)
+    assert out.moe_stats[0]["dropped_tokens"] == 0
+    # batch-independent: one sequence alone scores like inside the batch
+    torch.testing.assert_close(model(x[:1]).logits, out.logits[:1], rtol=1e-5, atol=1e-5)

@@ -100,7 +100,7 @@ def _moe_fields(cfg) -> dict:
 
 def _check_same_moe(config: RoutedLMConfig, want, overridden: set, name: str) -> None:
     ours = config.moe_config().to_dict()
-    skip = {"init_std", "grouped_gemm"} | {k for k, v in _MOE_FIELD_NAMES.items() if v in overridden}
+    skip = {"init_std", "grouped_gemm", "eval_capacity_factor"} | {k for k, v in _MOE_FIELD_NAMES.items() if v in overridden}
     for key, value in want.to_dict().items():
         if key not in skip and ours[key] != value:
             raise ValueError(f"from_hf: the MoE blocks of {name} need MoEConfig.{key}={value!r}, which "
