@@ -65,3 +65,22 @@ def test_resume_from_ep1_with_ep2_zero3(tmp_path):
     assert ls[5] < ls[1] and abs(ls[5] - ls[4]) < 0.5, ls
     saved = _weights_at_resume_are_the_checkpoint(run, 8)
     assert summary(run)["steps"] == 8 and len(saved) > 10
+
+
+DS_NATIVE = ["model.moe_backend=deepspeed", "model.n_shared_experts=0", "model.use_null_expert=0",
+             "model.topk_method=greedy", "model.z_loss_coef=0", "model.eval_dropless=false"]
+
+
+def test_deepspeed_native_layers_train_under_zero2_with_ep2(tmp_path):
+    run = tmp_path / "run"
+    train_deepspeed(run, *STEPS, "parallel.expert_parallel_size=2", "deepspeed=ds_configs/zero2.json", *DS_NATIVE)
+    ls = losses(run)
+    assert len(ls) == 8 and ls[8] < ls[1] - 0.3, ls
+    from safetensors.torch import load_file
+    saved = load_file(str(run / "checkpoints" / "step_00000008" / "model" / "model.safetensors"))
+    assert any("deepspeed_moe" in k for k in saved), "native layers are saved under their own names"
+
+
+def test_deepspeed_native_layers_refuse_zero3(tmp_path):
+    proc = train_debug(tmp_path / "run", "deepspeed=ds_configs/zero3.json", *DS_NATIVE, check=False, timeout=120)
+    assert proc.returncode == 2 and "ZeRO stage 3" in proc.stderr, proc.stderr[-2000:]

@@ -16,6 +16,7 @@ _MOE_FIELD_NAMES = {
     "hidden_size": "hidden_size", "expert_hidden_size": "moe_intermediate_size", "num_experts": "n_routed_experts",
     "top_k": "num_experts_per_tok", "num_shared_experts": "n_shared_experts", "shared_expert_gate": "shared_expert_gate",
     "num_null_experts": "use_null_expert", "capacity_factor": "expert_capacity_factor",
+    "eval_capacity_factor": "eval_dropless",
     "min_capacity": "min_expert_capacity", "max_capacity": "max_expert_capacity", "score_func": "scoring_func",
     "num_groups": "n_group", "topk_groups": "topk_group", "norm_topk_prob": "norm_topk_prob",
     "routed_scaling_factor": "router_scaling_factor", "router_jitter": "router_jitter",
@@ -179,12 +180,13 @@ class RoutedLMConfig(PreTrainedConfig):
     def moe_config(self) -> MoEConfig:
         """The :class:`dsmoe.moe.MoEConfig` of every MoE layer of this model."""
         try:
-            return MoEConfig(
+            cfg = MoEConfig(
                 hidden_size=self.hidden_size, expert_hidden_size=self.moe_intermediate_size,
                 num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
                 num_shared_experts=self.n_shared_experts, shared_expert_gate=self.shared_expert_gate,
                 num_null_experts=self.use_null_expert, capacity_factor=self.expert_capacity_factor,
-                eval_capacity_factor=math.inf if self.eval_dropless else None,
+                eval_capacity_factor=math.inf if self.eval_dropless and self.expert_capacity_factor is not None
+                else None,
                 min_capacity=self.min_expert_capacity, max_capacity=self.max_expert_capacity,
                 score_func=self.scoring_func, num_groups=self.n_group, topk_groups=self.topk_group,
                 norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.router_scaling_factor,
@@ -192,6 +194,10 @@ class RoutedLMConfig(PreTrainedConfig):
                 bias_update_rate=self.bias_update_rate, aux_loss_coef=self.aux_loss_coef,
                 seq_aux_loss_coef=self.seq_aux_loss_coef, z_loss_coef=self.z_loss_coef, activation="swiglu",
                 backend=self.moe_backend, init_std=self.initializer_range)
+            if cfg.backend == "deepspeed":           # refuse what DeepSpeed's layer cannot do, at config time
+                from dsmoe.moe.deepspeed_layer import check_deepspeed_config
+                check_deepspeed_config(cfg)
+            return cfg
         except ValueError as err:   # name our field, not MoEConfig's
             m = re.match(r"MoEConfig\.(\w+)=", str(err))
             if m is None or m.group(1) not in _MOE_FIELD_NAMES:

@@ -244,6 +244,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if mcfg.use_moe and mcfg.n_routed_experts % ep:
         raise ConfigError(f"model.n_routed_experts={mcfg.n_routed_experts}: not divisible by "
                           f"parallel.expert_parallel_size={ep}; pick a divisor")
+    stage = int(cfg.load_deepspeed().get("zero_optimization", {}).get("stage", 0))
+    if mcfg.use_moe and mcfg.moe_backend == "deepspeed" and stage == 3:
+        raise ConfigError(f"model.moe_backend=deepspeed: DeepSpeed's native MoE refuses ZeRO stage 3 "
+                          f"(deepspeed={cfg.deepspeed}); use model.moe_backend=dsmoe or a zero1/zero2 config")
     if world_size is not None and world_size % ep:
         raise ConfigError(f"parallel.expert_parallel_size={ep}: does not divide the world size {world_size}")
-    cfg.deepspeed_path()
