@@ -74,6 +74,7 @@ class Trainer:
         self.cfg = cfg
         self.debug = debug
         self._stop = False
+        self._moe_acc: dict | None = None      # run totals per MoE layer for the end summary
 
     # ------------------------------------------------------------------ set-up
     def _build(self):
@@ -253,6 +254,7 @@ class Trainer:
                 if out.expert_usage:
                     u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
                     usage = u if usage is None else usage + u
+                    self._accumulate_moe(out.moe_stats or [])
             for layer in layers:
                 if hasattr(layer, "update_expert_bias"):
                     layer.update_expert_bias()
@@ -290,7 +292,7 @@ class Trainer:
         metrics.close()
         if rank == 0:
             if t.plots and not stopped:
-                ids = [i for i, _ in enumerate(layers)]
+                ids = self._moe_layer_ids(len(load_total) if load_total is not None else 0)
                 summary.files += [str(p) for p in write_plots(self.out, load_total, ids)]
             summary.files += [str(self.out / "metrics.jsonl"), str(self.out / "tensorboard")]
             (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
@@ -318,6 +320,20 @@ class Trainer:
                 record[key] = [float(v) for v in vals]
         return record
 
+    def _accumulate_moe(self, stats: list[dict]) -> None:
+        """Run totals per MoE layer: dropped assignments and the mean null share (for the end summary)."""
+        if self._moe_acc is None:
+            self._moe_acc = {"dropped": [0.0] * len(stats), "null": [0.0] * len(stats), "n": 0}
+        acc = self._moe_acc
+        for i, st in enumerate(stats):
+            acc["dropped"][i] += float(st.get("dropped_tokens", 0))
+            acc["null"][i] += float(st.get("null_fraction", 0.0))
+        acc["n"] += 1
+
+    def _moe_layer_ids(self, n: int) -> list[int]:
+        ids = list(getattr(self.model.config, "moe_layers", []) or [])
+        return ids if len(ids) == n else list(range(n))
+
     def _print_summary(self, s: RunSummary, load) -> None:
         why = "SIGTERM" if self._stop else "train.steps_per_run"
         lines = [f"done: {s.steps} steps" + (f" (stopped by {why}; re-run the same command to resume)"
@@ -325,11 +341,16 @@ class Trainer:
         if s.val_loss is not None:
             lines.append(f"held-out loss {s.val_loss:.4f}  perplexity {s.val_perplexity:.2f}")
         if load is not None:
-            lines.append("expert load (share of computed assignments, min / max per MoE layer):")
+            lines.append("expert load per MoE layer (share of computed assignments; null share and dropped "
+                         "assignments over the run):")
             share = load / load.sum(-1, keepdim=True).clamp_min(1)
-            for i, row in enumerate(share):
-                lines.append(f"  layer {i}: min {float(row.min()):.3f}  max {float(row.max()):.3f}  "
-                             f"(uniform {1 / row.numel():.3f})")
+            acc = self._moe_acc
+            for i, (lid, row) in enumerate(zip(self._moe_layer_ids(len(share)), share)):
+                extra = ""
+                if acc and acc["n"]:
+                    extra = f"  null {acc['null'][i] / acc['n']:.3f}  dropped {int(acc['dropped'][i])}"
+                lines.append(f"  layer {lid}: min {float(row.min()):.3f}  max {float(row.max()):.3f}  "
+                             f"(uniform {1 / row.numel():.3f}){extra}")
         lines.append(f"checkpoint: {s.checkpoint}")
         lines.append(f"wrote: {', '.join(s.files + [str(Path(s.output_dir) / 'summary.json')])}")
         print("\n".join(lines), flush=True)
