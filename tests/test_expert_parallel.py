@@ -18,6 +18,9 @@ CASES = {
                         router_bias=True),
     "shared-null-capacity": dict(num_experts=8, top_k=3, num_shared_experts=1, num_null_experts=2,
                                  capacity_factor=0.8, min_capacity=1, aux_loss_coef=0.01, z_loss_coef=1e-3),
+    # every token goes to experts 0..1, so the other ranks' experts receive nothing: they must still join the
+    # backward all-to-all (a regression: the empty-expert path once dropped out of the graph and hung gloo)
+    "starved": dict(num_experts=8, top_k=2, router_bias=True, num_shared_experts=1),
     "groups-sigmoid-bias": dict(num_experts=16, top_k=4, score_func="sigmoid", num_groups=4, topk_groups=2,
                                 bias_balancing=True, routed_scaling_factor=2.0, seq_aux_loss_coef=0.01),
 }
@@ -49,7 +52,10 @@ def _parity_worker(rank, world, ep_size):
     for name, kw in CASES.items():
         torch.manual_seed(0)
         full = MoELayer(MoEConfig(hidden_size=H, expert_hidden_size=F_, init_std=0.3, **kw))
-        if full.router.bias is not None:
+        if name == "starved":
+            with torch.no_grad():
+                full.router.bias[2:] = -1e4
+        elif full.router.bias is not None:
             with torch.no_grad():
                 full.router.bias[kw["num_experts"]:] = 1.0     # make null choices common
         if kw.get("bias_balancing"):

@@ -51,8 +51,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, H) sorted by expert, counts (E_local,) long with sum N -> (N, H)."""
-        if x.shape[0] == 0:  # keep the weights in the graph so every rank produces (zero) grads
-            return x.new_zeros(0, x.shape[-1]) + 0 * (self.w_in.sum() + self.w_out.sum())
+        if x.shape[0] == 0:
+            # depend on x (so backward still runs the dispatcher's all-to-all, which every rank must join) and on
+            # the weights (so every rank produces zero grads for them)
+            return x * 0 + 0 * (self.w_in.sum() + self.w_out.sum())
         w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
         offs = None
         if self.use_grouped_mm and grouped_mm_supported(x, w_in) and grouped_mm_supported(x, w_out.transpose(1, 2)):
