@@ -143,8 +143,7 @@ def test_2nodes_no_ssh(tmp_path, fake_slurm):
 def test_sigterm_checkpoints_and_requeues(tmp_path, fake_slurm):
     make_env, log = fake_slurm
     out = tmp_path / "run"
-    # data parallel (ep=1): the stop path is the same, and the run may go on for dozens of steps before it stops
-    env = make_env(["localhost"], out, ["train.max_steps=100000", "train.save_every=100000"], 2, ep=1)
+    env = make_env(["localhost"], out, ["train.max_steps=100000", "train.save_every=100000"], 2)
     proc = subprocess.Popen(["sbatch", "slurm/train_1node.sbatch"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
