@@ -26,10 +26,7 @@ import json
 import logging
 import math
 import os
-import platform
-import resource
 import socket
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +38,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
+from dsmoe.benchmarking import CpuContention, machine_line, median, sync  # noqa: E402
 
 TARGETS = {
     "cpu": {"speedup_vs_deepspeed": 1.5},
@@ -87,59 +85,10 @@ def init_single_process(device: str):
                                verbose=False)
 
 
-def machine_line(device: str, dtype: torch.dtype) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    import deepspeed
-    parts = [f"CPU {cpu} ({cores} cores usable, {torch.get_num_threads()} torch threads)",
-             f"torch {torch.__version__}", f"deepspeed {deepspeed.__version__}",
-             f"python {platform.python_version()}"]
-    if device == "cuda":
-        parts.insert(1, f"GPU {torch.cuda.get_device_name()} (cc {'.'.join(map(str, torch.cuda.get_device_capability()))})")
-    parts.append(f"device={device} dtype={str(dtype).replace('torch.', '')}")
-    return "machine: " + " | ".join(parts)
 
 
-class CpuContention:
-    """Share of the machine's CPUs used by *other* processes (and hypervisor steal) while timing (Linux only)."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(t) for t in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)   # user nice system irq softirq steal
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
-
-    def share(self) -> float | None:
-        end = self._read()
-        if end is None or self.start is None:
-            return None
-        wall = end[0] - self.start[0]
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(other, 0.0) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
 
 
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -340,8 +289,6 @@ def bench(contenders, runs, x, dy, device, warmup, reps, log):
     return cont.share() if cont is not None else None
 
 
-def median(v):
-    return statistics.median(v) if v else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -378,7 +325,7 @@ def main(argv=None):
     if "c" in wanted and "a" not in wanted:
         wanted.insert(0, "a")
 
-    mline = machine_line(device, dtype)
+    mline = machine_line(device, dtype, ("deepspeed",))
     print(mline, flush=True)
     torch.manual_seed(args.seed)
 

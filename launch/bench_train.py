@@ -33,21 +33,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import platform
-import resource
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
+from dsmoe.benchmarking import CpuContention, machine_line, median, sync  # noqa: E402
 from dsmoe.models.modeling_routed_lm import RoutedLMRotaryEmbedding  # noqa: E402
 from dsmoe.moe.experts import GroupedExperts  # noqa: E402
 from dsmoe.moe.router import Router  # noqa: E402
@@ -95,66 +91,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def machine_line(device: str, dtype: torch.dtype) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    parts = [f"CPU {cpu} ({cores} cores usable, {torch.get_num_threads()} torch threads)",
-             f"torch {torch.__version__}", f"transformers {version('transformers')}",
-             f"python {platform.python_version()}"]
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        parts.insert(1, f"GPU {props.name} (cc {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)")
-    parts.append(f"device={device} dtype={str(dtype).replace('torch.', '')}")
-    return "machine: " + " | ".join(parts)
 
 
-class CpuContention:
-    """Share of the machine's CPUs used by *other* processes (and hypervisor steal) while timing (Linux only)."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(t) for t in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)   # user nice system irq softirq steal
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
-
-    def share(self) -> float | None:
-        end = self._read()
-        if end is None or self.start is None:
-            return None
-        wall = end[0] - self.start[0]
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(other, 0.0) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
 
 
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def default_peak(device: str, dtype: torch.dtype) -> tuple[float | None, str]:
@@ -369,8 +309,6 @@ def bench(benches, s: Sizes, device, warmup, reps, gen, log, auto):
     return cont.share()
 
 
-def median(v):
-    return statistics.median(v) if v else float("nan")
 
 
 def fmt_count(n: float) -> str:
@@ -430,7 +368,7 @@ def main(argv=None):
     peak_tflops, peak_note = (args.peak_tflops, f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)") \
         if args.peak_tflops else default_peak(device, dtype)
 
-    mline = machine_line(device, dtype)
+    mline = machine_line(device, dtype, ("transformers",))
     print(mline, flush=True)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -1,0 +1,78 @@
+"""Shared helpers of the launch/bench_*.py scripts: the machine line, a CPU-contention meter, timing utilities."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from importlib import metadata
+
+import torch
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def machine_line(device: str, dtype: torch.dtype, packages: tuple[str, ...] = ()) -> str:
+    """One line naming the CPU (and GPU), core/thread counts, torch and ``packages`` versions, device and dtype."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    parts = [f"CPU {cpu} ({cores} cores usable, {torch.get_num_threads()} torch threads)",
+             f"torch {torch.__version__}", *(f"{p} {_version(p)}" for p in packages),
+             f"python {platform.python_version()}"]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        parts.insert(1, f"GPU {props.name} (cc {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)")
+    parts.append(f"device={device} dtype={str(dtype).replace('torch.', '')}")
+    return "machine: " + " | ".join(parts)
+
+
+class CpuContention:
+    """Share of the machine's CPUs used by *other* processes (and hypervisor steal) while timing (Linux only)."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)   # user nice system irq softirq steal
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
+
+    def share(self) -> float | None:
+        end = self._read()
+        if end is None or self.start is None:
+            return None
+        wall = end[0] - self.start[0]
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(other, 0.0) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(v) -> float:
+    return statistics.median(v) if v else float("nan")
