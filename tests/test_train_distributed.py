@@ -17,7 +17,7 @@ def _close(a: dict, b: dict, rel=1e-4):
         assert a[s] == pytest.approx(b[s], rel=rel), (s, a[s], b[s])
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
 def test_expert_parallel_training_matches_ep1(tmp_path, zero):
     """EP=2 (each rank holds 2 of 4 experts) trains like EP=1 (all experts everywhere) on the same data."""
     ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
