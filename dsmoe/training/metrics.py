@@ -45,7 +45,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def truncate_after(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint's step so the log has no duplicates."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    # keep training rows up to the checkpoint; an end-of-run evaluation row at that step is written again
+    rows = [r for r in read_metrics(path)
+            if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
     if path.exists():
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
