@@ -233,15 +233,15 @@ class Trainer:
         metrics = MetricsLogger(self.out, rank == 0)
         layers = moe_layers(self.model)
         load_total = None
+        if self.start_step >= t.max_steps and rank == 0:
+            print(f"{self.ckpt} is already at train.max_steps={t.max_steps}: evaluating it; raise train.max_steps "
+                  f"to train on, or choose a new train.output_dir", flush=True)
         bar = None
-        if rank == 0 and t.progress:
+        if rank == 0 and t.progress and self.start_step < t.max_steps:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
         window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
         step, loss_val, last_saved, stopped = self.start_step, None, None, False
-        if self.start_step >= t.max_steps and rank == 0:
-            print(f"{self.ckpt} is already at train.max_steps={t.max_steps}: evaluating it; raise train.max_steps "
-                  f"to train on, or choose a new train.output_dir", flush=True)
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dist.world_size
         while step < t.max_steps:
             usage = None
