@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
-from dsmoe.benchmarking import CpuContention, machine_line, median, sync  # noqa: E402
+from dsmoe.benchmarking import CpuContention, machine_line, median, resolve_device_dtype, sync  # noqa: E402
 
 TARGETS = {
     "cpu": {"speedup_vs_deepspeed": 1.5},
@@ -83,12 +83,6 @@ def init_single_process(device: str):
     import deepspeed
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
                                verbose=False)
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -289,16 +283,11 @@ def bench(contenders, runs, x, dy, device, warmup, reps, log):
     return cont.share() if cont is not None else None
 
 
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but torch.cuda.is_available() is False")
-    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     gpu = device == "cuda"
 
     if args.threads:

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
-from dsmoe.benchmarking import CpuContention, machine_line, median, sync  # noqa: E402
+from dsmoe.benchmarking import CpuContention, machine_line, median, resolve_device_dtype, sync  # noqa: E402
 from dsmoe.models.modeling_routed_lm import RoutedLMRotaryEmbedding  # noqa: E402
 from dsmoe.moe.experts import GroupedExperts  # noqa: E402
 from dsmoe.moe.router import Router  # noqa: E402
@@ -89,12 +89,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-
-
-
-
 
 
 def default_peak(device: str, dtype: torch.dtype) -> tuple[float | None, str]:
@@ -309,8 +303,6 @@ def bench(benches, s: Sizes, device, warmup, reps, gen, log, auto):
     return cont.share()
 
 
-
-
 def fmt_count(n: float) -> str:
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -321,11 +313,8 @@ def fmt_count(n: float) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but torch.cuda.is_available() is False")
-    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     gpu = device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
