@@ -104,14 +104,14 @@ class MoELayer(nn.Module):
         flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         flat_weight = r.topk_weight.reshape(-1)
         keep = flat_expert < e                          # null choices never leave the router
-        n_null = int(flat_expert.numel() - keep.sum())
+        n_null = (~keep).sum()
 
         if capacity_factor is _DEFAULT:
             capacity_factor = self.capacity_factor
             if not self.training and cfg.eval_capacity_factor is not None:
                 capacity_factor = cfg.eval_capacity_factor
         cap = expert_capacity(n, k, e, capacity_factor, cfg.min_capacity, cfg.max_capacity)
-        n_dropped = 0
+        n_dropped = n_null.new_zeros(())
         if cap is not None:
             real = keep.nonzero().squeeze(1)
             if token_priority is not None:
@@ -122,7 +122,7 @@ class MoELayer(nn.Module):
                 prio = -flat_token[real].float()
             kept = keep_within_capacity(flat_expert[real], prio, e, cap)
             keep[real[~kept]] = False
-            n_dropped = int((~kept).sum())
+            n_dropped = (~kept).sum()
 
         idx = keep.nonzero().squeeze(1)
         idx = idx[torch.argsort(flat_expert[idx], stable=True)]   # sorted by expert, token order within
@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
         if shared is not None:
             out = out + shared
 
-        stats_vec = torch.cat([counts, counts.new_tensor([n_dropped, n_null, flat_expert.numel()])])
+        stats_vec = torch.cat([counts, torch.stack([n_dropped, n_null, n_null.new_tensor(flat_expert.numel())])])
         stats_vec = self.dispatcher.all_reduce(stats_vec)
         stats = {"tokens_per_expert": stats_vec[:e], "dropped_tokens": int(stats_vec[e]),
                  "null_fraction": float(stats_vec[e + 1]) / max(int(stats_vec[e + 2]), 1),
