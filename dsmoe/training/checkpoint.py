@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.
         if isinstance(layer, MoELayer) and layer.expert_parallel_size > 1:
             for p in layer.experts.parameters():
                 expert_params[id(p)] = layer.dispatcher.group
-    ctx = _gathered(list(model.parameters())) if zero_stage == 3 else _nullctx()
+    ctx = _gathered(list(model.parameters())) if zero_stage == 3 else nullcontext()
     out: dict[str, torch.Tensor] = {}
     with ctx:
         for name, t in model.state_dict(keep_vars=True).items():     # persistent entries only
@@ -88,14 +89,6 @@ def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.
     return out if dist.get_rank() == 0 else None
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _gathered(params):
     import deepspeed
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -104,11 +97,9 @@ def _gathered(params):
 def save_hf_folder(state: dict[str, torch.Tensor], config, folder: Path) -> None:
     """Write config.json + model.safetensors (tied lm_head dropped, as transformers does)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = dict(state)
     if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    persistent = {k: v for k, v in state.items()}
-    save_file(persistent, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
 
 
