@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_hf_state, read
                          set_rng_state)
 from .config import ConfigError, RunConfig, validate
 from .metrics import MetricsLogger, truncate_after, write_plots
-from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, moe_layers, optimizer_param_groups,
+from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, optimizer_param_groups,
                        setup_expert_parallel)
 
 log = logging.getLogger("dsmoe.train")
@@ -231,7 +231,6 @@ class Trainer:
         cfg, t, rank = self.cfg, self.cfg.train, self.dist.rank
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         metrics = MetricsLogger(self.out, rank == 0)
-        layers = moe_layers(self.model)
         load_total = None
         if self.start_step >= t.max_steps and rank == 0:
             print(f"{self.ckpt} is already at train.max_steps={t.max_steps}: evaluating it; raise train.max_steps "
@@ -241,7 +240,8 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
         window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-        step, loss_val, last_saved, stopped = self.start_step, None, None, False
+        step, loss_val, stopped = self.start_step, None, False
+        saved_step, ckpt = self.start_step, self.ckpt      # the newest checkpoint and its step
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dist.world_size
         while step < t.max_steps:
             usage = None
@@ -258,9 +258,7 @@ class Trainer:
                     u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
                     usage = u if usage is None else usage + u
                     self._accumulate_moe(out.moe_stats or [])
-            for layer in layers:
-                if hasattr(layer, "update_expert_bias"):
-                    layer.update_expert_bias()
+            self.model.update_expert_bias()
             step += 1
             window["tokens"] += tokens_per_step
             if usage is not None:
@@ -277,7 +275,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
             if step % t.save_every == 0 and step < t.max_steps:
-                last_saved = self._save(step)
+                saved_step, ckpt = step, self._save(step)
             if self._sync_stop():
                 stopped = True
                 break
@@ -286,8 +284,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        ckpt = self._save(step) if (last_saved is None or not last_saved.name.endswith(f"{step:08d}")) \
-            and step > self.start_step or stopped else (last_saved or self.ckpt)
+        if step != saved_step:
+            ckpt = self._save(step)
         summary = RunSummary(str(self.out), step, loss_val, None, None, str(ckpt) if ckpt else None, stopped)
         if not stopped:
             summary.val_loss, summary.val_perplexity = self.evaluate(t.eval_batches)
@@ -334,7 +332,7 @@ class Trainer:
         acc["n"] += 1
 
     def _moe_layer_ids(self, n: int) -> list[int]:
-        ids = list(getattr(self.model.config, "moe_layers", []) or [])
+        ids = list(self.model.config.moe_layers)
         return ids if len(ids) == n else list(range(n))
 
     def _print_summary(self, s: RunSummary, load) -> None:
