@@ -149,7 +149,7 @@ def _build_section(section: str, cls, values: dict[str, Any]):
     kwargs = {k: _coerce(section, known[k], v) for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from None
 
@@ -189,7 +189,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"model={model!r}: expected a mapping of RoutedLMConfig keys")
     cfg = RunConfig(
         model=dict(model),
-        data=_build_data(tree.get("data") or {}),
+        data=_build_section("data", DataConfig, tree.get("data") or {}),
         train=_build_section("train", TrainConfig, tree.get("train") or {}),
         parallel=_build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
         deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
@@ -198,26 +198,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-def _build_data(values: dict[str, Any]) -> DataConfig:
-    known = {f.name for f in fields(DataConfig)}
-    for k in values:
-        if k not in known:
-            raise ConfigError(f"data.{k}: unknown key (known: {', '.join(sorted(known))})")
-    try:
-        return DataConfig(**values)
-    except (TypeError, ValueError) as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(msg if msg.startswith("data.") else f"data: {msg}") from None
-
-
 def model_keys() -> set[str]:
     """The keys a ``model:`` section may set: RoutedLMConfig's own fields."""
     from dsmoe.models import RoutedLMConfig
-    keys: set[str] = set()
-    for klass in RoutedLMConfig.__mro__:
-        if klass.__name__ == "RoutedLMConfig":
-            keys |= set(getattr(klass, "__annotations__", {}))
-    return keys | {"vocab_size"}
+    return set(RoutedLMConfig.__annotations__)
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
