@@ -78,10 +78,11 @@ def median(v) -> float:
     return statistics.median(v) if v else float("nan")
 
 
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Default: cuda + bf16 when a GPU is present, else cpu + fp32. Exits with a message on an impossible ask."""
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype, str]:
+    """(device, dtype, dtype name). Default: cuda + bf16 when a GPU is present, else cpu + fp32.
+    Exits with a message on an impossible ask."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     name = dtype or ("bf16" if device == "cuda" else "fp32")
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[name], name

@@ -286,8 +286,7 @@ def bench(contenders, runs, x, dy, device, warmup, reps, log):
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    device, dtype, dtype_name = resolve_device_dtype(args.device, args.dtype)
     gpu = device == "cuda"
 
     if args.threads:

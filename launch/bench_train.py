@@ -313,8 +313,7 @@ def fmt_count(n: float) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    device, dtype, dtype_name = resolve_device_dtype(args.device, args.dtype)
     gpu = device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
