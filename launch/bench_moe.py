@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
 from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
 from dsmoe.benchmarking import CpuContention, machine_line, median, resolve_device_dtype, sync  # noqa: E402
 
@@ -80,8 +81,7 @@ def init_single_process(device: str):
                        "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # what DeepSpeed picks anyway, minus its warning
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
+    init_deepspeed_comm(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
                                verbose=False)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_utils import REPO_ROOT, free_port, launch_env
+from launch_utils import REPO_ROOT, check_no_shm_left, free_port, launch_env
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="bash scripts")
 
@@ -87,6 +87,7 @@ def sbatch(script: str, env: dict, timeout: float = 300) -> subprocess.Completed
     for attempt in range(2):
         proc = subprocess.run(["sbatch", f"slurm/{script}"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        check_no_shm_left(env["MASTER_PORT"], proc)
         if proc.returncode == 0 or "address already in use" not in proc.stdout.lower() or attempt:
             return proc
         env = {**env, "MASTER_PORT": str(free_port())}

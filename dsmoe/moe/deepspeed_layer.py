@@ -50,6 +50,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
+from ..deepspeed_comm import init_deepspeed_comm
 from .config import MoEConfig
 from .layer import MoEOutput
 
@@ -219,7 +220,7 @@ class DeepSpeedMoELayer(nn.Module):
             raise RuntimeError("apply_expert_parallel needs torch.distributed: call deepspeed.init_distributed() "
                                "first")
         if not deepspeed.comm.is_initialized():          # torch-initialised: let deepspeed.comm adopt it
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
+            init_deepspeed_comm(dist_backend=dist.get_backend())
         group = group if group is not None else dist.group.WORLD
         p, world = dist.get_world_size(group), dist.get_world_size()
         e = self.cfg.num_experts

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsmoe.deepspeed_comm import init_deepspeed_comm
 from dsmoe.moe import MoELayer
 
 
@@ -31,14 +32,13 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join the launcher's process group, or create a world of one (debug mode) on the same code path."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not launched:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(verbose=False)
+    init_deepspeed_comm(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
     if acc.device_name() == "cuda":

@@ -24,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
 from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
 
 H, FFN, E = 16, 8, 4
@@ -136,7 +137,7 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=-1)   # passed by older launchers
     args = ap.parse_args()
 
-    deepspeed.init_distributed()
+    init_deepspeed_comm()
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(list(range(world)))              # the EP group: both ranks
     result: dict = {"world": world}
