@@ -5,6 +5,8 @@
                           loadable by ``AutoModelForCausalLM.from_pretrained`` and by any expert-parallel size
   ``deepspeed/``          DeepSpeed's own engine checkpoint (optimizer, scheduler, ZeRO partitions) for an exact
                           resume on the same topology
+  ``optimizer.safetensors``  Adam's moments in the layout of ``model/`` (``optimizer_state``): what another
+                          topology resumes with
   ``rng/rank_<r>.pt``     every rank's RNG states
   ``trainer_state.json``  step, data position, topology; written last, so its presence marks a complete save
 ``<output_dir>/checkpoints/latest`` names the newest complete checkpoint.
@@ -26,6 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from .expert_shards import expert_shards, gather_global
+from .optimizer_state import gather_moments, has_state, save_moments
 
 STATE_FILE = "trainer_state.json"
 
@@ -66,26 +71,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
     """Collective: the unsharded model state on rank 0 (None elsewhere), experts gathered by global index."""
-    from .parallel import moe_layers
-    from dsmoe.moe import MoELayer
-
-    expert_params = {}
-    for layer in moe_layers(model):
-        if isinstance(layer, MoELayer) and layer.expert_parallel_size > 1:
-            for p in layer.experts.parameters():
-                expert_params[id(p)] = layer.dispatcher.group
+    shards = expert_shards(model)
     ctx = _gathered(list(model.parameters())) if zero_stage == 3 else nullcontext()
     out: dict[str, torch.Tensor] = {}
     with ctx:
         for name, t in model.state_dict(keep_vars=True).items():     # persistent entries only
-            group = expert_params.get(id(t))
-            t = t.detach()
-            if group is not None:
-                parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-                dist.all_gather(parts, t.contiguous(), group=group)
-                t = torch.cat(parts, 0)
+            shard = shards.get(id(t))
+            pairs = gather_global(name, t.detach(), shard) if shard is not None else [(name, t.detach())]
             if dist.get_rank() == 0:
-                out[name] = t.to("cpu", copy=True).contiguous()
+                out.update((n, v.to("cpu", copy=True).contiguous()) for n, v in pairs)
     return out if dist.get_rank() == 0 else None
 
 
@@ -115,8 +109,9 @@ def load_hf_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(engine, model, step: int, output_dir: str | os.PathLike, trainer_state: dict[str, Any],
-                    zero_stage: int, keep: int) -> Path:
-    """Collective. Returns the final checkpoint path."""
+                    zero_stage: int, keep: int, moments: bool = False) -> Path:
+    """Collective. Returns the final checkpoint path. ``moments``: also write the portable Adam moments
+    (``optimizer_state.portable(engine)`` must hold)."""
     rank = dist.get_rank()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
@@ -129,10 +124,13 @@ def save_checkpoint(engine, model, step: int, output_dir: str | os.PathLike, tra
         (tmp / "rng").mkdir()
     dist.barrier()
     state = full_state_dict(model, zero_stage)
+    adam = gather_moments(engine, model, zero_stage) if moments and has_state(engine, zero_stage) else None
     engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         save_hf_folder(state, model.config, tmp / "model")
+        if adam is not None:
+            save_moments(adam, step, tmp)
     dist.barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))

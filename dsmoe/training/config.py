@@ -62,6 +62,10 @@ class TrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     keep_checkpoints: int = 2
     """How many most recent checkpoints to keep."""
+    portable_optimizer_state: bool = True
+    """Also write Adam's moments by parameter name (``optimizer.safetensors``, twice the fp32 model size) so a
+    resume with another expert-parallel size, world size or ZeRO stage keeps them; false: such a resume
+    restarts the moments. A resume on the same topology uses DeepSpeed's own state either way."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     plots: bool = True

@@ -22,6 +22,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_hf_state, read
                          set_rng_state)
 from .config import ConfigError, RunConfig, validate
 from .metrics import MetricsLogger, truncate_after, write_plots
+from .optimizer_state import FILE as MOMENTS_FILE, load_moments, portable
 from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, optimizer_param_groups,
                        setup_expert_parallel)
 
@@ -182,13 +183,22 @@ class Trainer:
             if rng.exists():
                 set_rng_state(torch.load(rng, weights_only=False))
         else:
-            # another topology: weights came from the gathered HF folder; the optimizer moments start fresh
+            # another topology: weights came from the gathered HF folder, Adam's moments from optimizer.safetensors
             for _ in range(st["step"]):
                 self.scheduler.step()
             torch.manual_seed(self.cfg.train.seed + 1000 * (rank + 1) + st["step"])
+            carried = (self.ckpt / MOMENTS_FILE).exists() and portable(self.engine, self.zero_stage)
+            if carried:
+                try:
+                    load_moments(self.engine, self.model, self.zero_stage, self.ckpt)
+                except KeyError as e:
+                    raise CheckpointError(str(e.args[0])) from None
             if rank == 0:
-                log.warning("resuming %s written with %s on %s: weights, step, schedule and data position are "
-                            "restored; optimizer moments restart", self.ckpt.name, st.get("topology"), self.topology)
+                what = ("weights, optimizer moments, step, schedule and data position are restored" if carried else
+                        "weights, step, schedule and data position are restored; optimizer moments restart "
+                        f"({self.ckpt / MOMENTS_FILE} is missing or the optimizer is DeepSpeed's own)")
+                log.warning("resuming %s written with %s on %s: %s", self.ckpt.name, st.get("topology"),
+                            self.topology, what)
         self.loader.load_state_dict(st["data"])
         self.start_step = int(st["step"])
         if rank == 0:
@@ -206,7 +216,8 @@ class Trainer:
     def _save(self, step: int) -> Path:
         state = {"topology": self.topology, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
         return save_checkpoint(self.engine, self.model, step, self.out, state, self.zero_stage,
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, moments=self.cfg.train.portable_optimizer_state
+                               and portable(self.engine, self.zero_stage))
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> tuple[float, float]:
