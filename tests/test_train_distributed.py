@@ -112,3 +112,25 @@ def test_deepspeed_native_layers_train_under_zero2_with_ep2(tmp_path):
 def test_deepspeed_native_layers_refuse_zero3(tmp_path):
     proc = train_debug(tmp_path / "run", "deepspeed=ds_configs/zero3.json", *DS_NATIVE, check=False, timeout=120)
     assert proc.returncode == 2 and "ZeRO stage 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_router_reset_is_the_same_under_every_zero_stage(tmp_path):
+    """model.router_reset_step with EP=2 on 2 ranks: the trainer writes the fresh router weights (the same on
+    every rank) into ZeRO's fp32 master copy too and clears their Adam moments, so without ZeRO, with ZeRO-2 and
+    with ZeRO-3 the runs stay alike after the reset (were the optimizer step to undo it, they would part)."""
+    runs = {z: tmp_path / z for z in ("debug", "zero2", "zero3")}
+    for z, d in runs.items():
+        proc = train_deepspeed(d, "train.max_steps=6", "train.save_every=100", "model.router_reset_step=3",
+                               "parallel.expert_parallel_size=2", f"deepspeed=ds_configs/{z}.json")
+        assert "step 3: routers reset" in proc.stdout, proc.stdout[-2000:]
+    _close(losses(runs["debug"]), losses(runs["zero2"]))
+    _close(losses(runs["zero2"]), losses(runs["zero3"]))
+    import torch
+    from safetensors.torch import load_file
+    final = {z: load_file(str(d / "checkpoints" / "step_00000006" / "model" / "model.safetensors"))
+             for z, d in runs.items()}
+    routers = [k for k in final["debug"] if ".router." in k]
+    assert routers
+    for k in routers:
+        torch.testing.assert_close(final["zero2"][k], final["debug"][k], rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(final["zero3"][k], final["debug"][k], rtol=1e-3, atol=1e-5, msg=k)

@@ -354,7 +354,6 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
         if (self.training and cfg.router_reset_step is not None and s >= cfg.router_reset_step
                 and not bool(self.router_reset_done)):
             self.reset_routers()
-            self.router_reset_done.fill_(True)
         w, ramp = cfg.moe_warmup_steps, cfg.aux_loss_ramp_steps
         progress = min(1.0, s / w) if w else 1.0
         aux_scale = min(1.0, s / ramp) if ramp else 1.0
@@ -365,17 +364,40 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
             moe_kwargs["capacity_factor"] = start + (cf - start) * progress
         return progress, aux_scale, moe_kwargs
 
+    def _routers(self) -> list[nn.Module]:
+        return [moe.router if hasattr(moe, "router") else moe.gate for moe in self.moe_layers()]  # dsmoe / deepspeed
+
     @torch.no_grad()
-    def reset_routers(self) -> None:
-        """Re-initialise every router: weights normal(initializer_range), biases, expert bias and load counts 0."""
+    def router_reset_values(self, generator: torch.Generator | None = None) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Fresh values (fp32, CPU) for every router parameter: weights normal(0, initializer_range), vectors 0.
+        Shapes are the full ones, also for ZeRO-3-partitioned parameters (``ds_shape``); a shared ``generator``
+        gives every rank the same values."""
         std = self.config.initializer_range
-        for moe in self.moe_layers():
-            router = moe.router if hasattr(moe, "router") else moe.gate     # dsmoe / deepspeed backend
+        out = []
+        for router in self._routers():
             for p in router.parameters():
-                p.normal_(0.0, std) if p.dim() > 1 else p.zero_()
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                v = torch.randn(shape, generator=generator) * std if len(shape) > 1 else torch.zeros(shape)
+                out.append((p, v))
+        return out
+
+    @torch.no_grad()
+    def reset_router_buffers(self) -> None:
+        """Zero every router's expert bias and load counts, and record that the reset happened."""
+        for router in self._routers():
             for name, b in router.named_buffers():
                 if name in ("expert_bias", "load_accum"):
                     b.zero_()
+        self.router_reset_done.fill_(True)
+
+    @torch.no_grad()
+    def reset_routers(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise every router: weights normal(initializer_range), biases, expert bias and load counts 0.
+        Writes the parameters in place, which suits a plain optimizer; dsmoe's trainer resets through the
+        DeepSpeed engine instead (master weights and Adam moments too) before the model would."""
+        for p, v in self.router_reset_values(generator):
+            p.copy_(v.to(p))
+        self.reset_router_buffers()
 
 
 class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):

@@ -13,6 +13,9 @@ here on the tensors the optimizer steps (ZeRO's flat fp32 partitions, or the par
 torch's AdamW would, and ZeRO-1/2 are asked to link it to the parameters. The step count, which Adam's bias
 correction reads, is the number of optimizer steps taken: the trainer's step.
 
+The same per-parameter access lets the trainer overwrite parameters mid-run (router reset): :func:`set_param`
+writes the weight ZeRO computes with *and* its fp32 master copy, :func:`zero_moments` clears its Adam state.
+
 Only dsmoe's own torch AdamW is covered (not DeepSpeed's CPU-offload Adam, whose state lives elsewhere):
 :func:`portable` says whether an engine qualifies.
 """
@@ -64,22 +67,58 @@ def has_state(engine, zero_stage: int) -> bool:
     return any(st for st in inner.state.values())
 
 
-def _set(engine, p: nn.Parameter, key: str, value: torch.Tensor, zero_stage: int) -> None:
+def _write_partition(part: torch.Tensor, value: torch.Tensor, rank: int) -> None:
+    """ZeRO-3 layout: rank r holds [r*n, (r+1)*n) of the flattened tensor, zero-padded at the end."""
+    n = part.numel()
+    chunk = value.flatten()[rank * n:(rank + 1) * n]
+    part.data.zero_()
+    part.data[:chunk.numel()].copy_(chunk)
+
+
+def _set(engine, p: nn.Parameter, key: str | None, value: torch.Tensor, zero_stage: int) -> None:
+    """Write the full ``value`` into Adam state ``key`` of ``p`` (key None: the fp32 master weight)."""
     if zero_stage == 0:
-        engine.optimizer.state[p][key].copy_(value.reshape(p.shape))
+        (p if key is None else engine.optimizer.state[p][key]).data.copy_(value.reshape(p.shape))
     elif zero_stage == 3:
-        # safe_set_full_optimizer_state slices this rank's partition without the padding ZeRO-3 adds to
-        # parameters smaller than the partition count (a 1-element parameter on 2 ranks fails on rank 1),
-        # so slice here the way ZeRO-3 lays partitions out: rank r holds [r*n, (r+1)*n) of the padded tensor.
+        # safe_set_full_*  slice this rank's partition without the padding ZeRO-3 adds to parameters smaller
+        # than the partition count (a 1-element parameter on 2 ranks fails on rank 1), so slice here.
         zopt = engine.optimizer
         part, _ = zopt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
-        n, r = part.numel(), zopt._get_param_partition_rank(p)
-        chunk = value.flatten()[r * n:(r + 1) * n]
-        part.data.zero_()
-        part.data[:chunk.numel()].copy_(chunk)
+        _write_partition(part, value, zopt._get_param_partition_rank(p))
     else:
-        from deepspeed.utils import safe_set_full_optimizer_state
-        safe_set_full_optimizer_state(p, value.flatten(), key)
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        if key is None:
+            safe_set_full_fp32_param(p, value.flatten())
+        else:
+            safe_set_full_optimizer_state(p, value.flatten(), key)
+
+
+@torch.no_grad()
+def set_param(engine, p: nn.Parameter, value: torch.Tensor, zero_stage: int) -> None:
+    """Overwrite parameter ``p`` with the full ``value`` (same on every rank): the copy the model computes with
+    (under ZeRO-3 this rank's partition of it) and ZeRO's fp32 master copy, which the next step would
+    otherwise copy back over it."""
+    value = value.to(p.device)
+    if zero_stage == 3:
+        _write_partition(p.ds_tensor, value.to(p.ds_tensor.dtype), engine.optimizer._get_param_partition_rank(p))
+    else:
+        p.data.copy_(value.reshape(p.shape).to(p.dtype))
+    if zero_stage:
+        _set(engine, p, None, value.float(), zero_stage)
+
+
+@torch.no_grad()
+def zero_moments(engine, params: list[nn.Parameter], zero_stage: int) -> None:
+    """Clear Adam's moments of ``params`` (no-op before the first step: there are none yet)."""
+    if not has_state(engine, zero_stage):
+        return
+    _relink(engine, zero_stage)
+    for p in params:
+        if zero_stage == 0 and not engine.optimizer.state[p]:
+            continue
+        full = torch.zeros(tuple(getattr(p, "ds_shape", p.shape)), device=p.device)
+        for key in MOMENTS:
+            _set(engine, p, key, full, zero_stage)
 
 
 def gather_moments(engine, model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:

@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_hf_state, read
                          set_rng_state)
 from .config import ConfigError, RunConfig, validate
 from .metrics import MetricsLogger, truncate_after, write_plots
-from .optimizer_state import FILE as MOMENTS_FILE, load_moments, portable
+from .optimizer_state import FILE as MOMENTS_FILE, load_moments, portable, set_param, zero_moments
 from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, optimizer_param_groups,
                        setup_expert_parallel)
 
@@ -205,6 +205,25 @@ class Trainer:
             truncate_after(self.out / "metrics.jsonl", self.start_step)
 
     # ------------------------------------------------------------------ loop
+    def _reset_routers_if_due(self, step: int) -> None:
+        """``model.router_reset_step``: before the first step >= it, give every router fresh weights (the same
+        on every rank) in the model *and* in ZeRO's fp32 master copy, and clear their Adam moments, so the
+        reset survives the optimizer step and replicas stay identical. The model's own in-forward reset then
+        sees it done."""
+        core = self.model.model
+        reset_at = self.model.config.router_reset_step
+        if reset_at is None or step < reset_at or bool(core.router_reset_done):
+            return
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        values = core.router_reset_values(gen)
+        for p, v in values:
+            set_param(self.engine, p, v, self.zero_stage)
+        if portable(self.engine, self.zero_stage):
+            zero_moments(self.engine, [p for p, _ in values], self.zero_stage)
+        core.reset_router_buffers()
+        if self.dist.rank == 0:
+            log.info("step %d: routers reset (model.router_reset_step=%d)", step, reset_at)
+
     def _on_sigterm(self, *_):
         self._stop = True
 
@@ -255,6 +274,7 @@ class Trainer:
         saved_step, ckpt = self.start_step, self.ckpt      # the newest checkpoint and its step
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dist.world_size
         while step < t.max_steps:
+            self._reset_routers_if_due(step)
             usage = None
             for _ in range(t.grad_accum_steps):
                 batch = next(self.loader)
