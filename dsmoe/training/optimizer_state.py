@@ -3,7 +3,8 @@
 DeepSpeed's own checkpoint (``deepspeed/``) stores the optimizer as ZeRO partitions of flat buffers, which only
 the topology that wrote them can load. So that a run can also continue under another expert-parallel size,
 world size or ZeRO stage *with* its optimizer moments, each checkpoint holds ``optimizer.safetensors``: for every
-trainable parameter ``<name>.exp_avg`` and ``<name>.exp_avg_sq``, unsharded and with experts by global index
+trainable parameter ``<name>.exp_avg`` and ``<name>.exp_avg_sq`` (and ``<name>.fp32``, the master weight, when
+the model computes in bf16), unsharded and with experts by global index
 (the layout of ``model/``, see ``expert_shards``), and the Adam step count in its metadata.
 
 Reading and writing a parameter's moments goes through DeepSpeed's public
@@ -44,11 +45,23 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _get(engine, p: nn.Parameter, key: str, zero_stage: int) -> torch.Tensor:
+MASTER = "fp32"
+"""Entry suffix of the fp32 master weight, stored when the model computes in lower precision (bf16), whose
+weights in ``model/`` are rounded copies of it."""
+
+
+def _get(engine, p: nn.Parameter, key: str | None, zero_stage: int) -> torch.Tensor:
+    """The full Adam state ``key`` of ``p`` (None: the fp32 master weight). Collective under ZeRO."""
     if zero_stage == 0:
-        return engine.optimizer.state[p][key]
-    from deepspeed.utils import safe_get_full_optimizer_state
-    return safe_get_full_optimizer_state(p, key)
+        return p if key is None else engine.optimizer.state[p][key]
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+
+
+def _entries(p: nn.Parameter) -> list[tuple[str, str | None]]:
+    """(entry suffix, state key) pairs stored for ``p``."""
+    master = [(MASTER, None)] if p.dtype != torch.float32 else []
+    return [(k, k) for k in MOMENTS] + master
 
 
 def _relink(engine, zero_stage: int) -> None:
@@ -128,12 +141,12 @@ def gather_moments(engine, model: nn.Module, zero_stage: int) -> dict[str, torch
     shards = expert_shards(model)
     out: dict[str, torch.Tensor] = {}
     for name, p in _trainable(model):
-        for key in MOMENTS:
+        for suffix, key in _entries(p):
             t = _get(engine, p, key, zero_stage).detach().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
             shard = shards.get(id(p))
             pairs = gather_global(name, t, shard) if shard is not None else [(name, t)]
             if dist.get_rank() == 0:
-                out.update((f"{n}.{key}", v.to("cpu", torch.float32, copy=True).contiguous()) for n, v in pairs)
+                out.update((f"{n}.{suffix}", v.to("cpu", torch.float32, copy=True).contiguous()) for n, v in pairs)
     return out if dist.get_rank() == 0 else None
 
 
@@ -180,7 +193,7 @@ def load_moments(engine, model: nn.Module, zero_stage: int, folder: Path) -> int
 
         _ensure_state(engine, model, zero_stage, step)
         for name, p in _trainable(model):
-            for key in MOMENTS:
-                value = local_part(name, shards.get(id(p)), lambda n: get(f"{n}.{key}"))
+            for suffix, key in _entries(p):
+                value = local_part(name, shards.get(id(p)), lambda n: get(f"{n}.{suffix}"))
                 _set(engine, p, key, value.to(p.device), zero_stage)
     return step
