@@ -96,3 +96,23 @@ def test_missing_config_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(tmp_path / "nope.yaml")], cwd=REPO_ROOT,
                           env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "nope.yaml" in proc.stderr
+
+
+def test_zero_stage_change_in_debug_mode_uses_portable_moments_and_names_a_bad_file(tmp_path):
+    """Debug mode under ZeRO-2 after a run without ZeRO is another topology: the moments come from
+    optimizer.safetensors. A damaged file stops the run with exit 2 and one line naming it and the fix, and
+    the checkpoint stays as it was."""
+    run = tmp_path / "run"
+    train_debug(run, "train.max_steps=4", "train.save_every=2", "train.steps_per_run=2")
+    moments = run / "checkpoints" / "step_00000002" / "optimizer.safetensors"
+    good = moments.read_bytes()
+    moments.write_bytes(b"not a safetensors file")
+    proc = train_debug(run, "train.max_steps=4", "train.save_every=2", "deepspeed=ds_configs/zero2.json",
+                       check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and str(moments) in last and "fresh optimizer moments" in last, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    moments.write_bytes(good)
+    proc = train_debug(run, "train.max_steps=4", "train.save_every=2", "deepspeed=ds_configs/zero2.json")
+    assert "optimizer moments, step, schedule and data position are restored" in proc.stdout
+    assert sorted(losses(run)) == [1, 2, 3, 4]

@@ -179,11 +179,15 @@ def _ensure_state(engine, model: nn.Module, zero_stage: int, step: int) -> None:
 
 def load_moments(engine, model: nn.Module, zero_stage: int, folder: Path) -> int:
     """Write the moments of ``folder/optimizer.safetensors`` into this rank's optimizer; returns the Adam step.
-    Raises KeyError naming a parameter the file lacks."""
+    Raises KeyError naming a parameter the file lacks, ValueError naming an unreadable file."""
     path = folder / FILE
     shards = expert_shards(model)
-    with safe_open(str(path), framework="pt") as fh:
+    try:
+        fh = safe_open(str(path), framework="pt")
         step = int(fh.metadata()["adam_step"])
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"{path}: unreadable ({e}); delete it to resume with fresh optimizer moments") from None
+    with fh:
         names = set(fh.keys())
 
         def get(name: str) -> torch.Tensor:

@@ -191,7 +191,7 @@ class Trainer:
             if carried:
                 try:
                     load_moments(self.engine, self.model, self.zero_stage, self.ckpt)
-                except KeyError as e:
+                except (KeyError, ValueError) as e:
                     raise CheckpointError(str(e.args[0])) from None
             if rank == 0:
                 what = ("weights, optimizer moments, step, schedule and data position are restored" if carried else
