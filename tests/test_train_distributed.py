@@ -149,3 +149,20 @@ def test_bf16_config_trains_and_resumes_with_another_ep_size(tmp_path):
     a, b = losses(run), losses(ref)
     _close(a, b, rel=1e-3)
     assert a[8] < a[1] - 0.2, a
+
+
+def test_zero3_offload_with_ep2_resumes_with_ep1(tmp_path):
+    """ds_configs/zero3_offload.json (parameters and DeepSpeed's CPU Adam offloaded) with EP=2: it trains, and
+    its checkpoint continues under EP=1 with the Adam state, matching the uninterrupted EP=1 run. DeepSpeed
+    JIT-compiles its CPU Adam once, into this test's own folder (a killed build leaves a lock behind)."""
+    offload = "deepspeed=ds_configs/zero3_offload.json"
+    ext = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    steps = ["train.max_steps=4", "train.save_every=2"]
+    train_deepspeed(run, *steps, "train.steps_per_run=2", "parallel.expert_parallel_size=2", offload, env=ext)
+    assert max(losses(run)) == 2
+    _moments_file(run, 2)
+    proc = train_deepspeed(run, *steps, "parallel.expert_parallel_size=1", offload, env=ext)
+    assert "optimizer moments, step, schedule and data position are restored" in proc.stdout, proc.stdout[-3000:]
+    train_deepspeed(ref, *steps, "parallel.expert_parallel_size=1", offload, env=ext)
+    _close(losses(run), losses(ref))

@@ -22,9 +22,10 @@ def train_debug(out_dir: Path, *overrides: str, timeout: float = 300, check: boo
     return proc
 
 
-def train_deepspeed(out_dir: Path, *overrides: str, num_procs: int = 2, timeout: float = 400):
+def train_deepspeed(out_dir: Path, *overrides: str, num_procs: int = 2, timeout: float = 400,
+                    env: dict | None = None):
     proc = run_deepspeed(TRAIN, ["--config", TINY, f"train.output_dir={out_dir}", *overrides], num_procs=num_procs,
-                         timeout=timeout)
+                         timeout=timeout, env=env)
     check_returncode(proc)
     return proc
 

@@ -17,8 +17,8 @@ correction reads, is the number of optimizer steps taken: the trainer's step.
 The same per-parameter access lets the trainer overwrite parameters mid-run (router reset): :func:`set_param`
 writes the weight ZeRO computes with *and* its fp32 master copy, :func:`zero_moments` clears its Adam state.
 
-Only dsmoe's own torch AdamW is covered (not DeepSpeed's CPU-offload Adam, whose state lives elsewhere):
-:func:`portable` says whether an engine qualifies.
+Covered: torch's AdamW (dsmoe's default) and DeepSpeed's CPU Adam (offload configs), which keep the same
+state keys; :func:`portable` says whether an engine qualifies.
 """
 from __future__ import annotations
 
@@ -35,10 +35,16 @@ FILE = "optimizer.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _adam_classes() -> tuple[type, ...]:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    return torch.optim.AdamW, DeepSpeedCPUAdam
+
+
 def portable(engine, zero_stage: int) -> bool:
-    """True when the engine's optimizer is a torch AdamW that this module can read and write."""
+    """True when the engine's optimizer is an AdamW this module can read and write: torch's (dsmoe's default)
+    or DeepSpeed's CPU Adam (the offload configs)."""
     inner = engine.optimizer if zero_stage == 0 else getattr(engine.optimizer, "optimizer", None)
-    return isinstance(inner, torch.optim.AdamW)
+    return isinstance(inner, _adam_classes())
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -166,8 +172,8 @@ def _ensure_state(engine, model: nn.Module, zero_stage: int, step: int) -> None:
         inner, tensors = engine.optimizer.optimizer, list(engine.optimizer.single_partition_of_fp32_groups)
     for t in tensors:
         st = inner.state[t]
-        if not st:
-            st["step"] = torch.tensor(0.0)
+        if not st:                  # torch's AdamW counts steps in a tensor, DeepSpeed's CPU Adam in an int
+            st["step"] = torch.tensor(0.0) if isinstance(inner, torch.optim.AdamW) else 0
             for key in MOMENTS:
                 st[key] = torch.zeros_like(t, memory_format=torch.preserve_format)
     for st in inner.state.values():
