@@ -124,8 +124,11 @@ class MoELayer(nn.Module):
             keep[real[~kept]] = False
             n_dropped = (~kept).sum()
 
-        idx = keep.nonzero().squeeze(1)
-        idx = idx[torch.argsort(flat_expert[idx], stable=True)]   # sorted by expert, token order within
+        if cap is None and not cfg.num_null_experts:    # every assignment is computed: no filtering (no sync)
+            idx = torch.argsort(flat_expert, stable=True)
+        else:
+            idx = keep.nonzero().squeeze(1)
+            idx = idx[torch.argsort(flat_expert[idx], stable=True)]   # sorted by expert, token order within
         tok, expert = flat_token[idx], flat_expert[idx]
         counts = torch.bincount(expert, minlength=e)
 
@@ -133,8 +136,10 @@ class MoELayer(nn.Module):
         shared = self.shared_experts(x2) if self.shared_experts is not None else None  # overlaps the exchange
         d.wait()
         y = self.dispatcher.combine(self.experts(d.tokens, d.counts), d)
-        y = y * flat_weight[idx].unsqueeze(1).to(y.dtype)
-        out = torch.zeros_like(x2).index_add(0, tok, y)
+        # back into (token, choice) slots (null and dropped slots stay zero), then one batched weighted sum
+        # over the k choices: no scatter-add, so the result is deterministic on GPU too
+        slots = y.new_zeros(n * k, y.shape[1]).index_copy(0, idx, y)
+        out = torch.bmm(flat_weight.view(n, 1, k).to(y.dtype), slots.view(n, k, -1)).view(n, -1)
         if shared is not None:
             out = out + shared
 
