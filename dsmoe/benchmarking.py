@@ -5,6 +5,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from importlib import metadata
 
@@ -78,11 +79,20 @@ def median(v) -> float:
     return statistics.median(v) if v else float("nan")
 
 
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype, str]:
-    """(device, dtype, dtype name). Default: cuda + bf16 when a GPU is present, else cpu + fp32.
-    Exits with a message on an impossible ask."""
+def setup_device(device: str | None, dtype: str | None, threads: int | None) -> tuple[str, torch.dtype, str]:
+    """Resolve ``--device``/``--dtype`` to (device, dtype, dtype name), apply ``--threads`` and select GPU 0.
+    Default: cuda + bf16 when a GPU is present, else cpu + fp32. Exits with a message on an impossible ask."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     name = dtype or ("bf16" if device == "cuda" else "fp32")
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.set_device(0)
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[name], name
+
+
+def log(msg: str) -> None:
+    """Progress lines go to stderr, so stdout carries only the results."""
+    print(msg, file=sys.stderr, flush=True)

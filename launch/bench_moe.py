@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
 from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
-from dsmoe.benchmarking import CpuContention, machine_line, median, resolve_device_dtype, sync  # noqa: E402
+from dsmoe.benchmarking import CpuContention, log, machine_line, median, setup_device, sync  # noqa: E402
 
 TARGETS = {
     "cpu": {"speedup_vs_deepspeed": 1.5},
@@ -286,17 +286,11 @@ def bench(contenders, runs, x, dy, device, warmup, reps, log):
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype, dtype_name = resolve_device_dtype(args.device, args.dtype)
+    device, dtype, dtype_name = setup_device(args.device, args.dtype, args.threads)
     gpu = device == "cuda"
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if gpu:
-        torch.cuda.set_device(0)
     init_single_process(device)
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.smoke:
         n = args.tokens or 256
         shapes = {"a": Shape("a", 64, 64, 8, 2, 0, n), "b": Shape("b", 64, 32, 16, 6, 2, n)}

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
-from dsmoe.benchmarking import CpuContention, machine_line, median, resolve_device_dtype, sync  # noqa: E402
+from dsmoe.benchmarking import CpuContention, log, machine_line, median, setup_device, sync  # noqa: E402
 from dsmoe.models.modeling_routed_lm import RoutedLMRotaryEmbedding  # noqa: E402
 from dsmoe.moe.experts import GroupedExperts  # noqa: E402
 from dsmoe.moe.router import Router  # noqa: E402
@@ -313,15 +313,11 @@ def fmt_count(n: float) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype, dtype_name = resolve_device_dtype(args.device, args.dtype)
+    device, dtype, dtype_name = setup_device(args.device, args.dtype, args.threads)
     gpu = device == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if gpu:
-        torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     if args.smoke:
         d = dict(hidden=64, heads=4, layers=2, seq=32, batch=2, vocab=256, warmup=1, reps=2, ffn=128)

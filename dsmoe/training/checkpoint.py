@@ -76,8 +76,7 @@ def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.
     out: dict[str, torch.Tensor] = {}
     with ctx:
         for name, t in model.state_dict(keep_vars=True).items():     # persistent entries only
-            shard = shards.get(id(t))
-            pairs = gather_global(name, t.detach(), shard) if shard is not None else [(name, t.detach())]
+            pairs = gather_global(name, t.detach(), shards.get(id(t)))
             if dist.get_rank() == 0:
                 out.update((n, v.to("cpu", copy=True).contiguous()) for n, v in pairs)
     return out if dist.get_rank() == 0 else None

@@ -62,8 +62,11 @@ def _renamed(name: str, shard: Shard, rank: int) -> str:
     return name[:m.start()] + f"{m.group(1)}{g}{m.group(3)}" + name[m.end():]
 
 
-def gather_global(name: str, t: torch.Tensor, shard: Shard) -> list[tuple[str, torch.Tensor]]:
-    """Collective over ``shard.group``: the global (name, tensor) pairs this local tensor belongs to."""
+def gather_global(name: str, t: torch.Tensor, shard: Shard | None) -> list[tuple[str, torch.Tensor]]:
+    """Collective over ``shard.group``: the global (name, tensor) pairs this local tensor belongs to
+    (``shard`` None: a replicated tensor, already global)."""
+    if shard is None:
+        return [(name, t)]
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(shard.group))]
     dist.all_gather(parts, t.contiguous(), group=shard.group)
     if shard.stacked:

@@ -51,6 +51,11 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """The unpartitioned shape (ZeRO-3 leaves ``p`` empty and keeps it in ``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 MASTER = "fp32"
 """Entry suffix of the fp32 master weight, stored when the model computes in lower precision (bf16), whose
 weights in ``model/`` are rounded copies of it."""
@@ -135,7 +140,7 @@ def zero_moments(engine, params: list[nn.Parameter], zero_stage: int) -> None:
     for p in params:
         if zero_stage == 0 and not engine.optimizer.state[p]:
             continue
-        full = torch.zeros(tuple(getattr(p, "ds_shape", p.shape)), device=p.device)
+        full = torch.zeros(_full_shape(p), device=p.device)
         for key in MOMENTS:
             _set(engine, p, key, full, zero_stage)
 
@@ -148,9 +153,8 @@ def gather_moments(engine, model: nn.Module, zero_stage: int) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     for name, p in _trainable(model):
         for suffix, key in _entries(p):
-            t = _get(engine, p, key, zero_stage).detach().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-            shard = shards.get(id(p))
-            pairs = gather_global(name, t, shard) if shard is not None else [(name, t)]
+            t = _get(engine, p, key, zero_stage).detach().reshape(_full_shape(p))
+            pairs = gather_global(name, t, shards.get(id(p)))
             if dist.get_rank() == 0:
                 out.update((f"{n}.{suffix}", v.to("cpu", torch.float32, copy=True).contiguous()) for n, v in pairs)
     return out if dist.get_rank() == 0 else None
