@@ -8,6 +8,8 @@ from transformers import PreTrainedConfig
 
 from dsmoe.moe.config import BACKENDS, SCORE_FUNCS, MoEConfig
 
+from .cache_compat import CACHE_NAME
+
 QK_NORMS = (None, "per_head", "full")
 TOPK_METHODS = ("greedy", "noaux_tc")
 
@@ -34,7 +36,7 @@ class RoutedLMConfig(PreTrainedConfig):
     """
 
     model_type = "dsmoe_routed_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     # ---------------------------------------------------------------- transformer
     vocab_size: int = 32000

@@ -26,8 +26,6 @@ process-group code here: expert parallelism is applied from outside (``MoELayer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,44 +35,38 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import ModelOutput
 
 from dsmoe.moe import MoELayer
 from dsmoe.moe.experts import GroupedExperts
 from dsmoe.moe.router import Router
 
+from .cache_compat import cache_kwargs, model_output, output_cache, pick_cache
 from .configuration_routed_lm import RoutedLMConfig
 
 WARMUP_MIX_INIT = -4.0
 """Initial value of each layer's learnable warmup logit w: a = sigmoid(-4) ~ 0.018 at step 0."""
 
 
-@dataclass
-class RoutedLMModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    aux_loss: torch.FloatTensor | None = None
-    """Scalar: the MoE layers' router losses, summed and multiplied by the aux-loss ramp."""
-    moe_stats: list[dict] | None = None
-    """Per MoE layer, the MoELayer stats (tokens_per_expert, dropped_tokens, null_fraction, capacity, losses)
-    plus ``moe_weight`` (the warmup mixing weight a) and ``capacity_factor`` (the factor used)."""
+RoutedLMModelOutput = model_output("RoutedLMModelOutput", [
+    ("last_hidden_state", torch.FloatTensor), ("cache", Cache), ("aux_loss", torch.FloatTensor),
+    ("moe_stats", list)], module=__name__, doc="""Output of :class:`RoutedLMModel`.
 
+    ``last_hidden_state`` (B, T, H); the KV cache (``cache``, or ``past_key_values`` before transformers 5.24);
+    ``aux_loss``: scalar, the MoE layers' router losses, summed and multiplied by the aux-loss ramp;
+    ``moe_stats``: per MoE layer, the MoELayer stats (tokens_per_expert, dropped_tokens, null_fraction, capacity,
+    losses) plus ``moe_weight`` (the warmup mixing weight a) and ``capacity_factor`` (the factor used).""")
 
-@dataclass
-class RoutedLMCausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    """lm_loss + aux_loss (when labels are given)."""
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    lm_loss: torch.FloatTensor | None = None
-    """Next-token cross-entropy (labels are shifted inside; -100 is ignored)."""
-    aux_loss: torch.FloatTensor | None = None
-    """See :class:`RoutedLMModelOutput`; zero for a model without MoE layers."""
-    expert_usage: list[torch.Tensor] | None = None
-    """Per MoE layer: tokens_per_expert (E,), the assignments each routed expert computed."""
-    imbalances: torch.Tensor | None = None
-    """(num MoE layers,) max / mean of tokens_per_expert (1 = perfectly balanced)."""
-    moe_stats: list[dict] | None = None
+RoutedLMCausalLMOutput = model_output("RoutedLMCausalLMOutput", [
+    ("loss", torch.FloatTensor), ("logits", torch.FloatTensor), ("cache", Cache), ("lm_loss", torch.FloatTensor),
+    ("aux_loss", torch.FloatTensor), ("expert_usage", list), ("imbalances", torch.Tensor), ("moe_stats", list)],
+    module=__name__, doc="""Output of :class:`RoutedLMForCausalLM`.
+
+    ``loss``: lm_loss + aux_loss (when labels are given); ``logits`` (B, T, V); the KV cache (``cache``, or
+    ``past_key_values`` before transformers 5.24); ``lm_loss``: next-token cross-entropy (labels are shifted
+    inside, -100 is ignored); ``aux_loss``: see :class:`RoutedLMModelOutput`, zero without MoE layers;
+    ``expert_usage``: per MoE layer, tokens_per_expert (E,), the assignments each routed expert computed;
+    ``imbalances`` (num MoE layers,): max / mean of tokens_per_expert (1 = perfectly balanced);
+    ``moe_stats``: see :class:`RoutedLMModelOutput`.""")
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -144,7 +136,7 @@ class RoutedLMAttention(nn.Module):
             self.k_norm = RoutedLMRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, past_key_values: Cache | None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -157,8 +149,8 @@ class RoutedLMAttention(nn.Module):
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)   # (B, n, T, d)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         # attention_mask: None (plain causal: is_causal when T > 1; a single query sees the whole cache),
         # a bool (True = attend) or an additive float (B, 1, T, S) mask from transformers' mask helpers.
         out = F.scaled_dot_product_attention(
@@ -239,11 +231,11 @@ class RoutedLMDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RoutedLMRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values: Cache | None = None, token_mask=None, progress: float = 1.0,
+                cache: Cache | None = None, token_mask=None, progress: float = 1.0,
                 moe_kwargs: dict | None = None):
         """Returns (hidden_states, aux_loss or None, stats or None)."""
         h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           attention_mask, past_key_values)
+                                           attention_mask, cache)
         x = self.post_attention_layernorm(h)
         if not self.is_moe:
             return h + self.mlp(x), None, None
@@ -258,7 +250,7 @@ class RoutedLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RoutedLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -303,25 +295,27 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
         return [layer.mlp.moe for layer in self.layers if layer.is_moe]
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
-                step: int | None = None, **kwargs) -> RoutedLMModelOutput:
+                step: int | None = None, past_key_values: Cache | None = None, **kwargs) -> RoutedLMModelOutput:
+        """``cache``: the KV cache (``past_key_values`` is accepted too, as transformers < 5.24 passes it)."""
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("RoutedLMModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         t = inputs_embeds.shape[1]
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(t, device=inputs_embeds.device) + past).unsqueeze(0)
 
         make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
         causal_mask = make_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                past_key_values=past_key_values, position_ids=position_ids)
+                                position_ids=position_ids, **cache_kwargs(cache))
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             real = attention_mask[:, -t:].to(device=inputs_embeds.device, dtype=torch.bool)
@@ -334,12 +328,12 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
         moe_stats = []
         for layer in self.layers:
             h, aux, stats = layer(h, position_embeddings=position_embeddings, attention_mask=causal_mask,
-                                  past_key_values=past_key_values, token_mask=token_mask, progress=progress,
+                                  cache=cache, token_mask=token_mask, progress=progress,
                                   moe_kwargs=moe_kwargs)
             if stats is not None:
                 aux_loss = aux_loss + aux
                 moe_stats.append(stats)
-        return RoutedLMModelOutput(last_hidden_state=self.norm(h), past_key_values=past_key_values,
+        return RoutedLMModelOutput(last_hidden_state=self.norm(h), **cache_kwargs(cache),
                                    aux_loss=aux_loss * aux_scale, moe_stats=moe_stats)
 
     def _moe_schedule(self, step: int | None) -> tuple[float, float, dict]:
@@ -410,15 +404,15 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, step: int | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> RoutedLMCausalLMOutput:
+                past_key_values: Cache | None = None, **kwargs) -> RoutedLMCausalLMOutput:
         """``step``: the training step (drives the MoE warmup, capacity warmup, aux-loss ramp and router reset;
         None = the last recorded training step). ``labels`` (B, T) are the input ids themselves (shifted
         inside), -100 = ignore. ``kwargs`` go to the loss (e.g. ``num_items_in_batch``)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=pick_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          step=step)
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         lm_loss = loss = None
@@ -430,7 +424,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
         if usage:
             loads = torch.stack([u.float() for u in usage])                     # (L_moe, E)
             imbalances = loads.max(-1).values / loads.mean(-1).clamp_min(1e-9)
-        return RoutedLMCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return RoutedLMCausalLMOutput(loss=loss, logits=logits, **cache_kwargs(output_cache(out)),
                                       lm_loss=lm_loss, aux_loss=out.aux_loss, expert_usage=usage,
                                       imbalances=imbalances, moe_stats=out.moe_stats)
 
