@@ -1,12 +1,15 @@
 """RoutedLMConfig: a Llama-style decoder whose FFNs can be token-level MoE layers (seed 004's MoE Transformer)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 from dsmoe.moe.config import BACKENDS, SCORE_FUNCS, MoEConfig
+
+from dsmoe.suggest import did_you_mean
 
 from .cache_compat import CACHE_NAME
 
@@ -155,6 +158,7 @@ class RoutedLMConfig(PreTrainedConfig):
     """During [0, moe_warmup_steps) each MoE FFN mixes a dense SwiGLU path in; see RoutedFFN. 0 = no dense path."""
 
     def __post_init__(self, **kwargs):
+        _check_unknown(type(self), kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
@@ -274,6 +278,22 @@ class RoutedLMConfig(PreTrainedConfig):
             raise bad("router_reset_step", "must be a non-negative integer or None")
         if self.use_moe:
             self.moe_config()   # the remaining MoE checks, reported under our field names
+
+
+# keys transformers itself reads from a config's kwargs (or writes into config.json) besides the dataclass fields
+_HF_KWARGS = {"torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions",
+              "attn_implementation", "experts_implementation", "per_layer_config", "_attn_implementation_internal",
+              "_experts_implementation_internal", "num_labels", "rope_scaling", "rope_parameters", "model_type"}
+
+
+def _check_unknown(cls, kwargs: dict) -> None:
+    """Refuse keys that are no option of ``cls`` (a misspelt option would otherwise be stored and ignored)."""
+    ours = {f.name for f in dataclasses.fields(cls)}
+    known = ours | _HF_KWARGS | set(GenerationConfig._get_default_generation_params())
+    for key in kwargs:
+        if key not in known:
+            raise ValueError(f"{cls.__name__}: unknown option {key!r}{did_you_mean(key, ours)} "
+                             f"(every option is listed in the {cls.__name__} docstrings)")
 
 
 def _all_ints(xs) -> bool:

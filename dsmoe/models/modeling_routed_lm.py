@@ -25,7 +25,9 @@ process-group code here: expert parallelism is applied from outside (``MoELayer.
 """
 from __future__ import annotations
 
+import logging
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,9 @@ from dsmoe.moe.router import Router
 
 from .cache_compat import cache_kwargs, model_output, output_cache, pick_cache
 from .configuration_routed_lm import RoutedLMConfig
+
+DEBUG_LOG = logging.getLogger("dsmoe.debug")
+"""Where :meth:`RoutedLMForCausalLM.set_debug` writes the routing statistics."""
 
 WARMUP_MIX_INIT = -4.0
 """Initial value of each layer's learnable warmup logit w: a = sigmoid(-4) ~ 0.018 at step 0."""
@@ -407,10 +412,13 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, step: int | None = None, logits_to_keep: int | torch.Tensor = 0,
-                past_key_values: Cache | None = None, **kwargs) -> RoutedLMCausalLMOutput:
+                output_expert_usage: bool = True, past_key_values: Cache | None = None,
+                **kwargs) -> RoutedLMCausalLMOutput:
         """``step``: the training step (drives the MoE warmup, capacity warmup, aux-loss ramp and router reset;
         None = the last recorded training step). ``labels`` (B, T) are the input ids themselves (shifted
-        inside), -100 = ignore. ``kwargs`` go to the loss (e.g. ``num_items_in_batch``)."""
+        inside), -100 = ignore. ``output_expert_usage=False`` leaves ``expert_usage`` and ``imbalances`` None.
+        ``cache`` is the KV cache (``past_key_values`` is accepted too, as transformers < 5.24 passes it).
+        ``kwargs`` go to the loss (e.g. ``num_items_in_batch``)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=pick_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          step=step)
@@ -424,9 +432,46 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
         if usage:
             loads = torch.stack([u.float() for u in usage])                     # (L_moe, E)
             imbalances = loads.max(-1).values / loads.mean(-1).clamp_min(1e-9)
+        if self._debug_every:
+            self._log_routing(out.moe_stats, imbalances, out.aux_loss)
+        if not output_expert_usage:
+            usage, imbalances = None, None
         return RoutedLMCausalLMOutput(loss=loss, logits=logits, **cache_kwargs(output_cache(out)),
                                       lm_loss=lm_loss, aux_loss=out.aux_loss, expert_usage=usage,
                                       imbalances=imbalances, moe_stats=out.moe_stats)
+
+    # ------------------------------------------------------------------ debugging
+    _debug_every = 0
+    _debug_calls = 0
+
+    def set_debug(self, enabled: bool = True, every: int = 1) -> None:
+        """Debug switch (off by default): log per-MoE-layer routing statistics of every ``every``-th forward
+        to the ``dsmoe.debug`` logger at INFO level (expert load min/max share and imbalance, null share,
+        dropped assignments, capacity, warmup mixing weight, aux loss). Adds a stderr handler when logging
+        is not configured. The trainer's debug mode turns it on with ``every = train.log_every``."""
+        if every < 1:
+            raise ValueError(f"set_debug: every={every!r} must be >= 1")
+        self._debug_every = every if enabled else 0
+        self._debug_calls = 0
+        if enabled:
+            DEBUG_LOG.setLevel(logging.INFO)
+            if not DEBUG_LOG.hasHandlers():
+                DEBUG_LOG.addHandler(logging.StreamHandler())
+
+    def _log_routing(self, moe_stats: list[dict], imbalances: torch.Tensor | None, aux_loss: torch.Tensor) -> None:
+        self._debug_calls += 1
+        if (self._debug_calls - 1) % self._debug_every:
+            return
+        mode = "train" if self.training else "eval"
+        DEBUG_LOG.info("forward %d (%s, step %d): aux_loss %.4g", self._debug_calls, mode, int(self.model.moe_step),
+                       float(aux_loss))
+        for i, (layer, st) in enumerate(zip(self.config.moe_layers, moe_stats)):
+            load = st["tokens_per_expert"].float()
+            share = load / load.sum().clamp_min(1)
+            DEBUG_LOG.info("  layer %d: expert share min %.3f max %.3f (uniform %.3f, imbalance %.2f), null %.3f, "
+                           "dropped %d, capacity %s, moe_weight %.3f", layer, float(share.min()), float(share.max()),
+                           1 / share.numel(), float(imbalances[i]), float(st["null_fraction"]),
+                           int(st["dropped_tokens"]), st["capacity"], float(st["moe_weight"]))
 
     # ------------------------------------------------------------------ MoE helpers
     def moe_layers(self) -> list[MoELayer]:

@@ -3,12 +3,15 @@
 ``<output_dir>/checkpoints/step_00000100/``
   ``model/``              an HF folder (config.json + model.safetensors) with experts gathered by global index:
                           loadable by ``AutoModelForCausalLM.from_pretrained`` and by any expert-parallel size
-  ``deepspeed/``          DeepSpeed's own engine checkpoint (optimizer, scheduler, ZeRO partitions) for an exact
-                          resume on the same topology
-  ``optimizer.safetensors``  Adam's moments in the layout of ``model/`` (``optimizer_state``): what another
-                          topology resumes with
-  ``rng/rank_<r>.pt``     every rank's RNG states
+  ``optimizer.safetensors``  Adam's moments (and bf16 runs' fp32 master weights) in the layout of ``model/``
+                          (``optimizer_state``): every resume, on any topology, continues from it
+  ``rng/rank_<r>.safetensors``  every rank's RNG states (``rng_state``)
   ``trainer_state.json``  step, data position, topology; written last, so its presence marks a complete save
+  ``deepspeed/``          only for an optimizer whose state dsmoe cannot read (``optimizer_state.portable``):
+                          DeepSpeed's own engine checkpoint, a pickle-based format, for a same-topology resume
+
+Everything dsmoe itself writes and reads is safetensors or JSON: resuming from a checkpoint of dsmoe's own
+optimizers (torch's AdamW, DeepSpeed's CPU Adam) unpickles nothing, so a checkpoint someone sent you runs no code.
 ``<output_dir>/checkpoints/latest`` names the newest complete checkpoint.
 
 Saves are atomic: everything is written into ``step_N.tmp`` and renamed into place, and ``latest`` is replaced
@@ -18,19 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .expert_shards import expert_shards, gather_global
 from .optimizer_state import gather_moments, has_state, save_moments
+from .rng_state import save_rng_state
 
 STATE_FILE = "trainer_state.json"
 
@@ -54,19 +56,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
                   and (p / STATE_FILE).exists())
     return done[-1] if done else None
-
-
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def full_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -108,9 +97,10 @@ def load_hf_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(engine, model, step: int, output_dir: str | os.PathLike, trainer_state: dict[str, Any],
-                    zero_stage: int, keep: int, moments: bool = False) -> Path:
-    """Collective. Returns the final checkpoint path. ``moments``: also write the portable Adam moments
-    (``optimizer_state.portable(engine)`` must hold)."""
+                    zero_stage: int, keep: int, moments: bool = False, engine_state: bool = False) -> Path:
+    """Collective. Returns the final checkpoint path. ``moments``: write the portable Adam moments
+    (``optimizer_state.portable(engine)`` must hold); ``engine_state``: also write DeepSpeed's own engine
+    checkpoint (for optimizers that are not portable)."""
     rank = dist.get_rank()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
@@ -124,8 +114,9 @@ def save_checkpoint(engine, model, step: int, output_dir: str | os.PathLike, tra
     dist.barrier()
     state = full_state_dict(model, zero_stage)
     adam = gather_moments(engine, model, zero_stage) if moments and has_state(engine, zero_stage) else None
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if engine_state:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    save_rng_state(tmp / "rng", rank)
     if rank == 0:
         save_hf_folder(state, model.config, tmp / "model")
         if adam is not None:

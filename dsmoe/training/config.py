@@ -63,9 +63,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many most recent checkpoints to keep."""
     portable_optimizer_state: bool = True
-    """Also write Adam's moments by parameter name (``optimizer.safetensors``, twice the fp32 model size) so a
-    resume with another expert-parallel size, world size or ZeRO stage keeps them; false: such a resume
-    restarts the moments. A resume on the same topology uses DeepSpeed's own state either way."""
+    """Write Adam's moments by parameter name (``optimizer.safetensors``, twice the fp32 model size): every
+    resume, with any expert-parallel size, world size or ZeRO stage, continues from it, and nothing is unpickled.
+    false: write DeepSpeed's own engine checkpoint instead (a pickle-based format that only the same topology
+    resumes from; another topology then restarts the moments)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     plots: bool = True

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointError, latest_checkpoint, load_hf_state, read_trainer_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import CheckpointError, latest_checkpoint, load_hf_state, read_trainer_state, save_checkpoint
 from .config import ConfigError, RunConfig, validate
 from .metrics import MetricsLogger, truncate_after, write_plots
 from .optimizer_state import FILE as MOMENTS_FILE, load_moments, portable, set_param, zero_moments
+from .rng_state import load_rng_state
 from .parallel import (DistInfo, engine_knows_dsmoe_layers, init_distributed, optimizer_param_groups,
                        setup_expert_parallel)
 
@@ -112,6 +112,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)                      # identical init on every rank
         model = RoutedLMForCausalLM(mcfg)
+        if self.debug:                                 # per-layer routing statistics to the dsmoe.debug logger
+            model.set_debug(True, every=t.log_every)
 
         self.ds_config = prepare_deepspeed_config(cfg)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -171,34 +173,38 @@ class Trainer:
                                       f"{getattr(mcfg, key, None)}; use another train.output_dir or the old value")
 
     def _restore(self) -> None:
+        """Continue from ``self.ckpt``: the weights are already loaded (from the gathered HF folder); here the
+        optimizer moments (``optimizer.safetensors``), schedule, step, RNG streams and data position. All of it is
+        safetensors/JSON, so any expert-parallel size, world size or ZeRO stage resumes from any other. Without
+        that file (``train.portable_optimizer_state: false``, or an optimizer dsmoe cannot read) a same-topology
+        resume goes through DeepSpeed's own engine checkpoint (a pickle-based format)."""
         st, rank = self.state, self.dist.rank
+        step = int(st["step"])
         same = st.get("topology") == self.topology
-        if same:
-            load_path, _ = self.engine.load_checkpoint(str(self.ckpt / "deepspeed"), tag="state",
-                                                       load_module_strict=False)
+        moments = (self.ckpt / MOMENTS_FILE).exists() and portable(self.engine, self.zero_stage)
+        engine_state = self.ckpt / "deepspeed"
+        if not moments and same and engine_state.exists():
+            load_path, _ = self.engine.load_checkpoint(str(engine_state), tag="state", load_module_strict=False)
             if load_path is None:
-                raise CheckpointError(f"{self.ckpt / 'deepspeed'}: DeepSpeed could not load it; delete {self.ckpt} "
-                                      f"to resume from the previous checkpoint")
-            rng = self.ckpt / "rng" / f"rank_{rank}.pt"
-            if rng.exists():
-                set_rng_state(torch.load(rng, weights_only=False))
+                raise CheckpointError(f"{engine_state}: DeepSpeed could not load it; delete {self.ckpt} to resume "
+                                      f"from the previous checkpoint")
         else:
-            # another topology: weights came from the gathered HF folder, Adam's moments from optimizer.safetensors
-            for _ in range(st["step"]):
+            for _ in range(step):
                 self.scheduler.step()
-            torch.manual_seed(self.cfg.train.seed + 1000 * (rank + 1) + st["step"])
-            carried = (self.ckpt / MOMENTS_FILE).exists() and portable(self.engine, self.zero_stage)
-            if carried:
+            self.engine.global_steps = step
+            if moments:
                 try:
                     load_moments(self.engine, self.model, self.zero_stage, self.ckpt)
                 except (KeyError, ValueError) as e:
                     raise CheckpointError(str(e.args[0])) from None
-            if rank == 0:
-                what = ("weights, optimizer moments, step, schedule and data position are restored" if carried else
+            if rank == 0 and (not same or not moments):
+                what = ("weights, optimizer moments, step, schedule and data position are restored" if moments else
                         "weights, step, schedule and data position are restored; optimizer moments restart "
-                        f"({self.ckpt / MOMENTS_FILE} is missing or the optimizer is DeepSpeed's own)")
+                        f"({self.ckpt / MOMENTS_FILE} is missing or the optimizer is not one dsmoe can read)")
                 log.warning("resuming %s written with %s on %s: %s", self.ckpt.name, st.get("topology"),
                             self.topology, what)
+        if not (same and load_rng_state(self.ckpt / "rng", rank)):
+            torch.manual_seed(self.cfg.train.seed + 1000 * (rank + 1) + step)
         self.loader.load_state_dict(st["data"])
         self.start_step = int(st["step"])
         if rank == 0:
@@ -234,9 +240,10 @@ class Trainer:
 
     def _save(self, step: int) -> Path:
         state = {"topology": self.topology, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
+        ours = portable(self.engine, self.zero_stage)
         return save_checkpoint(self.engine, self.model, step, self.out, state, self.zero_stage,
-                               self.cfg.train.keep_checkpoints, moments=self.cfg.train.portable_optimizer_state
-                               and portable(self.engine, self.zero_stage))
+                               self.cfg.train.keep_checkpoints, moments=ours and self.cfg.train.portable_optimizer_state,
+                               engine_state=not (ours and self.cfg.train.portable_optimizer_state))
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> tuple[float, float]:
