@@ -56,6 +56,17 @@ def test_debug_training_learns_and_resumes_exactly(tmp_path):
     again = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "export.py"), str(full), str(out)],
                            cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr and (out / "config.json").exists()
+    # the exported folder evaluates with the tokenizer it carries, on the recorded held-out split
+    ev_out = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "eval.py"), str(out)], cwd=REPO_ROOT,
+                            env=launch_env(), capture_output=True, text=True)
+    assert ev_out.returncode == 0, ev_out.stderr[-2000:]
+    assert json.loads(ev_out.stdout)["val_loss"] == pytest.approx(s["val_loss"], rel=1e-5)
+
+    # nothing in a checkpoint of dsmoe's own optimizer is a pickle: resuming unpickles nothing
+    ckpt = full / "checkpoints" / "step_00000016"
+    files = [p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()]
+    assert not [f for f in files if not f.endswith((".safetensors", ".json"))], files
+    assert "rng/rank_0.safetensors" in files and "optimizer.safetensors" in files
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -83,6 +94,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     ("train.nonsense=1", "train.nonsense"),
     ("deepspeed=ds_configs/missing.json", "deepspeed=ds_configs/missing.json"),
     ("model.hidden_sizee=3", "model.hidden_sizee"),
+    ("model.n_routed_expert=8", "did you mean 'n_routed_experts'"),
+    ("train.max_step=8", "did you mean 'max_steps'"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, override, needle):
     proc = train_debug(tmp_path / "run", "parallel.expert_parallel_size=2", override, check=False, timeout=120)

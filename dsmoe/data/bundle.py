@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from .cache import resolve_cache_dir, stable_hash, write_dir_atomically
@@ -26,7 +27,7 @@ from .tokenizer import load_or_build_tokenizer, tokenizer_fingerprint
 log = logging.getLogger("dsmoe.data")
 
 #: Bump when the packed format or the packing rules change (invalidates packed caches).
-PACK_FORMAT = 1
+PACK_FORMAT = 2
 SPLITS = ("train", "val")
 
 
@@ -196,7 +197,7 @@ def _pack(
 
 
 def _load_packed(folder: Path) -> tuple[dict[str, torch.Tensor], DataStats] | None:
-    files = [folder / f"{s}.pt" for s in SPLITS] + [folder / "stats.json"]
+    files = [folder / "blocks.safetensors", folder / "stats.json"]
     if not all(f.is_file() for f in files):
         return None
     known = set(DataStats.__dataclass_fields__)
@@ -204,14 +205,17 @@ def _load_packed(folder: Path) -> tuple[dict[str, torch.Tensor], DataStats] | No
         stats = DataStats(**{k: v for k, v in json.loads((folder / "stats.json").read_text()).items() if k in known})
     except (TypeError, ValueError):  # written by an incompatible version: rebuild
         return None
-    blocks = {s: torch.load(folder / f"{s}.pt", weights_only=True, mmap=True) for s in SPLITS}
+    try:
+        loaded = load_file(str(folder / "blocks.safetensors"))
+        blocks = {s: loaded[s] for s in SPLITS}
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+        return None
     return blocks, stats
 
 
 def _save_packed(folder: Path, blocks: dict[str, torch.Tensor], stats: DataStats, cfg: DataConfig) -> None:
     def fill(tmp: Path) -> None:
-        for split in SPLITS:
-            torch.save(blocks[split], tmp / f"{split}.pt")
+        save_file({s: blocks[s].contiguous() for s in SPLITS}, str(tmp / "blocks.safetensors"))
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # for humans browsing the cache
 

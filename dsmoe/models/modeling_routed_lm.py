@@ -464,7 +464,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
             return
         mode = "train" if self.training else "eval"
         DEBUG_LOG.info("forward %d (%s, step %d): aux_loss %.4g", self._debug_calls, mode, int(self.model.moe_step),
-                       float(aux_loss))
+                       float(aux_loss.detach()))
         for i, (layer, st) in enumerate(zip(self.config.moe_layers, moe_stats)):
             load = st["tokens_per_expert"].float()
             share = load / load.sum().clamp_min(1)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dsmoe.data import DataConfig
+from dsmoe.suggest import did_you_mean
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +151,7 @@ def _build_section(section: str, cls, values: dict[str, Any]):
     known = {f.name: f for f in fields(cls)}
     for k in values:
         if k not in known:
-            raise ConfigError(f"{section}.{k}: unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{section}.{k}: unknown key{did_you_mean(k, known)} (known: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(section, known[k], v) for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -224,7 +225,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     known = model_keys()
     for k in cfg.model:
         if k not in known:
-            raise ConfigError(f"model.{k}: unknown key; see RoutedLMConfig in dsmoe/models/configuration_routed_lm.py")
+            raise ConfigError(f"model.{k}: unknown key{did_you_mean(k, known)} (the model keys are the options of "
+                              f"dsmoe.models.RoutedLMConfig)")
     try:
         mcfg = RoutedLMConfig(**{**cfg.model, "vocab_size": cfg.model.get("vocab_size", 256)})
     except (TypeError, ValueError) as e:

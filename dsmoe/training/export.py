@@ -10,6 +10,11 @@ import torch
 
 from .checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
 
+RUN_FILE = "dsmoe_run.json"
+"""Written by :func:`export_hf` into the exported folder: the run config and topology of the checkpoint, so the
+folder evaluates on the run's held-out split with the tokenizer it carries."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
 
 def resolve_model_folder(path: str | Path) -> Path:
     """Accept a run's output_dir, a checkpoint dir (step_N) or an HF folder; return the HF folder."""
@@ -28,18 +33,14 @@ def resolve_model_folder(path: str | Path) -> Path:
 
 
 def trainer_state_of(path: str | Path) -> dict:
-    """The trainer state (run config, topology) of a run dir / checkpoint / its HF folder; {} if unknown."""
+    """The trainer state (run config, topology) of a run dir / checkpoint / its HF folder / an exported folder;
+    {} if unknown."""
     p = Path(path)
-    for cand in (p / STATE_FILE, p.parent / STATE_FILE):
+    for cand in (p / STATE_FILE, p.parent / STATE_FILE, p / RUN_FILE):
         if cand.exists():
             return json.loads(cand.read_text())
     ckpt = latest_checkpoint(p) if p.is_dir() else None
     return json.loads((ckpt / STATE_FILE).read_text()) if ckpt is not None else {}
-
-
-def run_config_of(path: str | Path) -> dict | None:
-    """The run config a checkpoint was trained with (for its data split), if known."""
-    return trainer_state_of(path).get("config")
 
 
 def export_hf(src: str | Path, out_dir: str | Path, tokenizer: bool = True) -> Path:
@@ -57,7 +58,10 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: bool = True) -> P
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    run_cfg = run_config_of(src)
+    state = trainer_state_of(src)
+    run_cfg = state.get("config")
+    if run_cfg is not None:
+        (tmp / RUN_FILE).write_text(json.dumps({"config": run_cfg, "topology": state.get("topology")}, indent=1))
     if tokenizer and run_cfg is not None:
         tok = _tokenizer_for(run_cfg, Path(src))
         if tok is not None:
@@ -84,7 +88,8 @@ def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_s
 
     Batch size and count default to the run's, so the blocks scored are the trainer's: ``train.eval_batches`` per
     rank over W ranks (strided) is the first ``eval_batches * W`` batches here. Evaluation is dropless by default
-    (``eval_dropless``), so the per-token losses do not depend on how the blocks were batched."""
+    (``eval_dropless``), so the per-token losses do not depend on how the blocks were batched. A folder written by
+    :func:`export_hf` evaluates with the tokenizer it carries, on the held-out split of the run recorded in it."""
     import dsmoe  # noqa: F401
     from transformers import AutoModelForCausalLM
     from dsmoe.data import DataConfig, build_data
@@ -96,8 +101,13 @@ def evaluate_folder(src: str | Path, data_overrides: dict | None = None, batch_s
     batch_size = batch_size or train_cfg.get("micro_batch_size", 8)
     if max_batches is None:
         max_batches = train_cfg.get("eval_batches", 0) * state.get("topology", {}).get("world_size", 1)
-    data_cfg = {**run_cfg.get("data", {}), **(data_overrides or {})}
-    data = build_data(DataConfig(**data_cfg), output_dir=run_cfg.get("train", {}).get("output_dir"))
+    data_cfg = dict(run_cfg.get("data", {}))
+    cache_dir = train_cfg.get("output_dir")
+    if any((folder / f).exists() for f in TOKENIZER_FILES):     # an exported folder: its own tokenizer
+        data_cfg["tokenizer"] = str(folder)
+        cache_dir = None if (folder / RUN_FILE).exists() else cache_dir
+    data_cfg.update(data_overrides or {})
+    data = build_data(DataConfig(**data_cfg), output_dir=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if data.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{folder}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
