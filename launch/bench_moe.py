@@ -26,19 +26,18 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
-from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
+from dsmoe.moe import MLP, MoEConfig, MoELayer  # noqa: E402
+from dsmoe.ports import free_port  # noqa: E402
 from dsmoe.benchmarking import CpuContention, log, machine_line, median, setup_device, sync  # noqa: E402
 
 TARGETS = {
@@ -65,12 +64,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process(device: str):
     """DeepSpeed's MoE needs torch.distributed even for one rank: a world of 1 (gloo on CPU, nccl on GPU)."""
     import torch.distributed as dist
@@ -86,20 +79,13 @@ def init_single_process(device: str):
 
 
 # ---------------------------------------------------------------------------------------------- modules
-class SwiGLU(nn.Module):
-    """Linear(H, 2F) [gate | up] -> silu(gate) * up -> Linear(F, H); the expert handed to DeepSpeed's MoE."""
-
-    def __init__(self, hidden: int, inner: int, std: float = 0.02):
-        super().__init__()
-        self.inner = inner
-        self.w_in = nn.Linear(hidden, 2 * inner, bias=False)
-        self.w_out = nn.Linear(inner, hidden, bias=False)
-        nn.init.normal_(self.w_in.weight, std=std)
-        nn.init.normal_(self.w_out.weight, std=std)
-
-    def forward(self, x):
-        gate, up = self.w_in(x).split(self.inner, dim=-1)
-        return self.w_out(F.silu(gate) * up)
+def SwiGLU(hidden: int, inner: int, std: float = 0.02) -> MLP:
+    """Fused SwiGLU (Linear(H, 2F) [gate | up] -> silu(gate) * up -> Linear(F, H)): the dense ceiling and the
+    expert handed to DeepSpeed's MoE."""
+    mlp = MLP(hidden, inner, fused=True)
+    for lin in (mlp.gate_up_proj, mlp.down_proj):
+        nn.init.normal_(lin.weight, std=std)
+    return mlp
 
 
 class DeepSpeedContender(nn.Module):
@@ -182,7 +168,7 @@ def make_dsmoe(sh: Shape, cf, device, dtype, null_experts=0):
 
     def flops():
         st = state["stats"]
-        kept = int(st["tokens_per_expert"].sum())
+        kept = int(st.tokens_per_expert.sum())
         n = sh.tokens
         fwd = expert_flops(kept, sh.hidden, sh.inner) + expert_flops(n, sh.hidden, sh.shared_inner) \
             + 2 * n * sh.hidden * cfg.num_choices
@@ -191,8 +177,8 @@ def make_dsmoe(sh: Shape, cf, device, dtype, null_experts=0):
     def info():
         st = state["stats"]
         total = sh.tokens * sh.k
-        return {"computed_assignments": int(st["tokens_per_expert"].sum()), "assignments": total,
-                "dropped": st["dropped_tokens"], "null_fraction": st["null_fraction"], "capacity": st["capacity"]}
+        return {"computed_assignments": int(st.tokens_per_expert.sum()), "assignments": total,
+                "dropped": st.dropped_tokens, "null_fraction": st.null_fraction, "capacity": st.capacity}
 
     return layer, run, flops, info
 
@@ -284,83 +270,60 @@ def bench(contenders, runs, x, dy, device, warmup, reps, log):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv=None):
-    args = parse_args(argv)
-    device, dtype, dtype_name = setup_device(args.device, args.dtype, args.threads)
-    gpu = device == "cuda"
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    init_single_process(device)
-
+def pick_shapes(args, gpu: bool) -> tuple[dict[str, Shape], int, int]:
+    """The benchmark shapes and (warmup, reps) for --smoke, a GPU or a CPU."""
     if args.smoke:
         n = args.tokens or 256
         shapes = {"a": Shape("a", 64, 64, 8, 2, 0, n), "b": Shape("b", 64, 32, 16, 6, 2, n)}
-        warmup, reps = (args.warmup if args.warmup is not None else 1), (args.reps or 2)
-    elif gpu:
+        return shapes, (args.warmup if args.warmup is not None else 1), (args.reps or 2)
+    if gpu:
         n = args.tokens or 16384
         shapes = {"a": Shape("a", 2048, 1408, 8, 2, 0, n), "b": Shape("b", 2048, 1408, 64, 6, 2, n)}
-        warmup, reps = (args.warmup if args.warmup is not None else 3), (args.reps or 30)
-    else:
-        n = args.tokens or 4096
-        shapes = {"a": Shape("a", 256, 512, 8, 2, 0, n), "b": Shape("b", 256, 128, 64, 6, 2, n)}
-        warmup, reps = (args.warmup if args.warmup is not None else 3), (args.reps or 20)
-    wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    if "c" in wanted and "a" not in wanted:
-        wanted.insert(0, "a")
+        return shapes, (args.warmup if args.warmup is not None else 3), (args.reps or 30)
+    n = args.tokens or 4096
+    shapes = {"a": Shape("a", 256, 512, 8, 2, 0, n), "b": Shape("b", 256, 128, 64, 6, 2, n)}
+    return shapes, (args.warmup if args.warmup is not None else 3), (args.reps or 20)
 
-    mline = machine_line(device, dtype, ("deepspeed",))
-    print(mline, flush=True)
-    torch.manual_seed(args.seed)
 
-    results = {"machine": mline, "device": device, "dtype": dtype_name, "warmup": warmup, "reps": reps,
-               "flops_note": "useful matmul FLOPs of computed assignments only: 2*3*H*F per kept (token, expert) "
-                             "+ shared 2*N*3*H*Fs + router 2*N*H*C, x3 for fwd+bwd",
-               "shapes": {}, "rows": [], "ratios": {}}
-    all_rows = []
-    contention = {}
-    groups = [["a", "c"], ["b"]]   # (c) is timed in the same round-robin as (a): its baseline
-    for group in groups:
-        names = [g for g in group if g in wanted]
-        if not names:
-            continue
-        sh = shapes[names[0]]
-        log(f"shape ({names[0]}) {sh.describe()}" + ("  + (c) null experts" if "c" in names else ""))
-        x = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype)
-        contenders, runs = [], []
+def time_group(names: list[str], sh: Shape, args, device, dtype, warmup, reps, results) -> tuple[list, float | None]:
+    """Build every contender of one shape (and (c) when asked) and time them round-robin."""
+    log(f"shape ({names[0]}) {sh.describe()}" + ("  + (c) null experts" if "c" in names else ""))
+    x = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype)
+    made = [(sh.name, "dsmoe dropless", "dsmoe", make_dsmoe(sh, None, device, dtype)),
+            (sh.name, "dsmoe cf=1.25", "dsmoe", make_dsmoe(sh, 1.25, device, dtype)),
+            (sh.name, "deepspeed cf=1.25", "deepspeed", make_deepspeed(sh, 1.25, device, dtype)),
+            (sh.name, "dense SwiGLU", "dense", make_dense(sh, device, dtype))]
+    results["shapes"][sh.name] = sh.describe()
+    if "c" in names:
+        null = make_dsmoe(sh, None, device, dtype, null_experts=4)
+        nf = bias_nulls(null[0], x.detach(), args.null_share)
+        log(f"  (c) router null bias tuned: null fraction of the router's choices = {nf:.3f}")
+        made.append(("c", "dsmoe dropless +4 null", "dsmoe", null))
+        results["shapes"]["c"] = sh.describe() + " +4 null experts (biased router)"
+    contenders = [Contender(shape, label, mod, kind, fl, inf) for shape, label, kind, (mod, _, fl, inf) in made]
+    runs = [run for *_, (_, run, _, _) in made]
+    return contenders, bench(contenders, runs, x, dy, device, warmup, reps, log)
 
-        def add(shape, label, kind, made):
-            mod, run, fl, inf = made
-            contenders.append(Contender(shape, label, mod, kind, fl, inf))
-            runs.append(run)
 
-        tag = sh.name
-        add(tag, "dsmoe dropless", "dsmoe", make_dsmoe(sh, None, device, dtype))
-        add(tag, "dsmoe cf=1.25", "dsmoe", make_dsmoe(sh, 1.25, device, dtype))
-        add(tag, "deepspeed cf=1.25", "deepspeed", make_deepspeed(sh, 1.25, device, dtype))
-        add(tag, "dense SwiGLU", "dense", make_dense(sh, device, dtype))
-        results["shapes"][tag] = sh.describe()
-        if "c" in names:
-            made = make_dsmoe(sh, None, device, dtype, null_experts=4)
-            nf = bias_nulls(made[0], x.detach(), args.null_share)
-            log(f"  (c) router null bias tuned: null fraction of the router's choices = {nf:.3f}")
-            add("c", "dsmoe dropless +4 null", "dsmoe", made)
-            results["shapes"]["c"] = sh.describe() + " +4 null experts (biased router)"
-        busy = bench(contenders, runs, x, dy, device, warmup, reps, log)
-        if busy is not None:
-            contention[names[0]] = busy
-        all_rows.extend(contenders)
+def row_dict(c: Contender, shapes: dict[str, Shape]) -> dict:
+    t = median(c.times)
+    fl = median(c.flops)
+    return {"shape": c.shape, "contender": c.label, "kind": c.kind, "median_ms": t * 1e3,
+            "min_ms": min(c.times) * 1e3, "max_ms": max(c.times) * 1e3,
+            "tokens_per_s": shapes["a" if c.shape == "c" else c.shape].tokens / t, "tflops": fl / t / 1e12,
+            "useful_gflop_per_step": fl / 1e9, **c.info}
 
-    # ------------------------------------------------------------------ table
-    def row_dict(c):
-        t = median(c.times)
-        fl = median(c.flops)
-        return {"shape": c.shape, "contender": c.label, "kind": c.kind, "median_ms": t * 1e3,
-                "min_ms": min(c.times) * 1e3, "max_ms": max(c.times) * 1e3,
-                "tokens_per_s": shapes["a" if c.shape == "c" else c.shape].tokens / t, "tflops": fl / t / 1e12,
-                "useful_gflop_per_step": fl / 1e9, **c.info}
 
-    rows = [row_dict(c) for c in all_rows]
-    results["rows"] = rows
+def find_row(rows: list[dict], shape: str, label: str) -> dict | None:
+    return next((r for r in rows if r["shape"] == shape and r["contender"] == label), None)
+
+
+def verdict(val: float, target: float) -> str:
+    return "MET" if val >= target else "MISSED"
+
+
+def print_table(rows: list[dict], results: dict, contention: dict, warmup: int, reps: int, device, dtype_name):
     print(f"timing: forward+backward, {warmup} warmup + {reps} timed round-robin rounds, median; "
           f"fp32 on CPU / bf16 on GPU (here {dtype_name} on {device})")
     print("FLOPs: useful matmul work of computed assignments only (2*3*H*F per kept token-expert pair "
@@ -368,7 +331,6 @@ def main(argv=None):
     for k in ("a", "b", "c"):
         if k in results["shapes"]:
             print(f"  ({k}) {results['shapes'][k]}")
-    results["other_cpu_share"] = contention
     if contention:
         print("contention: other processes + steal used " + ", ".join(
             f"{100 * v:.0f}% ({k}{'+c' if k == 'a' and 'c' in results['shapes'] else ''})" for k, v in contention.items())
@@ -386,31 +348,21 @@ def main(argv=None):
               f"{r['min_ms']:>7.1f}..{r['max_ms']:<7.1f} {r['tokens_per_s']:>11.0f} {r['tflops']:>8.3f} "
               f"{comp:>16} {drop:>8} {null:>6}")
 
-    # ------------------------------------------------------------------ ratios
-    def get(shape, label):
-        for r in rows:
-            if r["shape"] == shape and r["contender"] == label:
-                return r
-        return None
 
-    tgt = TARGETS[device]
+def print_ratios(rows: list[dict], device: str) -> dict:
+    """Speedups over DeepSpeed, shares of the dense FFN's TFLOP/s and the null-expert efficiency, with targets."""
+    gpu, tgt = device == "cuda", TARGETS[device]
     print("ratios (speedup = deepspeed median time / dsmoe median time, same tokens):")
     ratios = {}
-
-    def verdict(val, target):
-        return "MET" if val >= target else "MISSED"
-
     for s in ("a", "b"):
-        ds = get(s, "deepspeed cf=1.25")
-        dense = get(s, "dense SwiGLU")
+        ds, dense = find_row(rows, s, "deepspeed cf=1.25"), find_row(rows, s, "dense SwiGLU")
         if ds is None:
             continue
         for label in ("dsmoe dropless", "dsmoe cf=1.25"):
-            r = get(s, label)
+            r = find_row(rows, s, label)
             sp = ds["median_ms"] / r["median_ms"]
             pct = 100 * r["tflops"] / dense["tflops"]
-            key = f"{s}/{label}"
-            ratios[key] = {"speedup_vs_deepspeed": sp, "pct_of_dense_tflops": pct}
+            ratios[f"{s}/{label}"] = {"speedup_vs_deepspeed": sp, "pct_of_dense_tflops": pct}
             line = f"  ({s}) {label:<15} dsmoe/deepspeed {sp:5.2f}x"
             if label == "dsmoe dropless" or gpu:
                 t = tgt["speedup_vs_deepspeed"]
@@ -422,20 +374,49 @@ def main(argv=None):
         bound = ds["median_ms"] / dense["median_ms"]
         ratios[f"{s}/deepspeed_over_dense_time"] = bound
         print(f"  ({s}) ceiling: a dsmoe at dense-FFN speed would be deepspeed/dense = {bound:.2f}x deepspeed")
-    c = get("c", "dsmoe dropless +4 null")
+    c = find_row(rows, "c", "dsmoe dropless +4 null")
     if c is not None:
-        base = get("a", "dsmoe dropless")
-        rel = c["median_ms"] / base["median_ms"]
-        saved = 1 - rel
-        share = c["null_fraction"]
+        rel = c["median_ms"] / find_row(rows, "a", "dsmoe dropless")["median_ms"]
+        saved, share = 1 - rel, c["null_fraction"]
         eff = saved / share if share > 0 else float("nan")
         ratios["c/null"] = {"time_vs_no_null": rel, "time_saved": saved, "null_share": share, "null_efficiency": eff}
         print(f"  (c) +4 null experts: null share {share:.3f} (from stats), time {rel:.3f}x of (a) dsmoe dropless "
               f"-> saved {100 * saved:.1f}%; null efficiency = saved/share = {eff:.2f} "
               f"[target >= {TARGETS['null_efficiency']}: {verdict(eff, TARGETS['null_efficiency'])}]")
-    results["ratios"] = ratios
-    results["targets"] = {"device": tgt, "null_efficiency": TARGETS["null_efficiency"]}
+    return ratios
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, dtype_name = setup_device(args.device, args.dtype, args.threads)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    init_single_process(device)
+    shapes, warmup, reps = pick_shapes(args, device == "cuda")
+    wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if "c" in wanted and "a" not in wanted:
+        wanted.insert(0, "a")
+
+    mline = machine_line(device, dtype, ("deepspeed",))
+    print(mline, flush=True)
+    torch.manual_seed(args.seed)
+    results = {"machine": mline, "device": device, "dtype": dtype_name, "warmup": warmup, "reps": reps,
+               "flops_note": "useful matmul FLOPs of computed assignments only: 2*3*H*F per kept (token, expert) "
+                             "+ shared 2*N*3*H*Fs + router 2*N*H*C, x3 for fwd+bwd",
+               "shapes": {}, "rows": [], "ratios": {}}
+    all_rows, contention = [], {}
+    for group in (["a", "c"], ["b"]):   # (c) is timed in the same round-robin as (a): its baseline
+        names = [g for g in group if g in wanted]
+        if names:
+            contenders, busy = time_group(names, shapes[names[0]], args, device, dtype, warmup, reps, results)
+            if busy is not None:
+                contention[names[0]] = busy
+            all_rows.extend(contenders)
+
+    rows = [row_dict(c, shapes) for c in all_rows]
+    results["rows"], results["other_cpu_share"] = rows, contention
+    print_table(rows, results, contention, warmup, reps, device, dtype_name)
+    results["ratios"] = print_ratios(rows, device)
+    results["targets"] = {"device": TARGETS[device], "null_efficiency": TARGETS["null_efficiency"]}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

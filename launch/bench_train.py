@@ -236,7 +236,7 @@ def train_step(b: Bench, ids: torch.Tensor, step: int, device: str, record: bool
         if device == "cuda":
             b.peak_mem.append(torch.cuda.max_memory_allocated())
         if out.moe_stats:
-            b.computed = int(sum(int(st["tokens_per_expert"].sum()) for st in out.moe_stats))
+            b.computed = int(sum(int(st.tokens_per_expert.sum()) for st in out.moe_stats))
             b.assigned = ids.numel() * b.model.config.num_experts_per_tok * len(out.moe_stats)
     del out
     return dt

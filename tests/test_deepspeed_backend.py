@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from dsmoe.moe import MoEConfig, MoELayer
+from dsmoe.moe import MoEConfig
+from dsmoe.moe import build_moe_layer as MoELayer
 from dsmoe.moe.deepspeed_layer import DeepSpeedMoELayer
 from launch_utils import REPO_ROOT, check_returncode, run_deepspeed
 

@@ -1,35 +1,21 @@
-"""RoutedLMConfig: a Llama-style decoder whose FFNs can be token-level MoE layers (seed 004's MoE Transformer)."""
+"""RoutedLMConfig: a Llama-style decoder whose FFNs can be token-level MoE layers (the DeepSeek-style MoE
+transformer's options: shared, routed and null experts, capacity, group-limited routing, bias balancing, warmup)."""
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 from transformers import GenerationConfig, PreTrainedConfig
 
-from dsmoe.moe.config import BACKENDS, SCORE_FUNCS, MoEConfig
+from dsmoe.moe.config import MoEConfig, OptionError
 
 from dsmoe.suggest import did_you_mean
 
 from .cache_compat import CACHE_NAME
+from .moe_options import layer_kwargs, our_name
 
 QK_NORMS = (None, "per_head", "full")
 TOPK_METHODS = ("greedy", "noaux_tc")
-
-# MoEConfig field -> the RoutedLMConfig field it is built from (used to name our field in MoEConfig's errors)
-_MOE_FIELD_NAMES = {
-    "hidden_size": "hidden_size", "expert_hidden_size": "moe_intermediate_size", "num_experts": "n_routed_experts",
-    "top_k": "num_experts_per_tok", "num_shared_experts": "n_shared_experts", "shared_expert_gate": "shared_expert_gate",
-    "num_null_experts": "use_null_expert", "capacity_factor": "expert_capacity_factor",
-    "eval_capacity_factor": "eval_dropless",
-    "min_capacity": "min_expert_capacity", "max_capacity": "max_expert_capacity", "score_func": "scoring_func",
-    "num_groups": "n_group", "topk_groups": "topk_group", "norm_topk_prob": "norm_topk_prob",
-    "routed_scaling_factor": "router_scaling_factor", "router_jitter": "router_jitter",
-    "bias_balancing": "topk_method", "bias_update_rate": "bias_update_rate", "aux_loss_coef": "aux_loss_coef",
-    "seq_aux_loss_coef": "seq_aux_loss_coef", "z_loss_coef": "z_loss_coef", "backend": "moe_backend",
-    "init_std": "initializer_range",
-}
-
 
 class RoutedLMConfig(PreTrainedConfig):
     """Configuration of :class:`dsmoe.models.RoutedLMForCausalLM` (``model_type="dsmoe_routed_lm"``).
@@ -184,32 +170,17 @@ class RoutedLMConfig(PreTrainedConfig):
         return list(range(self.first_k_dense_layers, self.num_hidden_layers))
 
     def moe_config(self) -> MoEConfig:
-        """The :class:`dsmoe.moe.MoEConfig` of every MoE layer of this model."""
+        """The :class:`dsmoe.moe.MoEConfig` of every MoE layer of this model (built through the option table of
+        ``moe_options``; a bad value is reported under the RoutedLMConfig name the user wrote)."""
         try:
-            cfg = MoEConfig(
-                hidden_size=self.hidden_size, expert_hidden_size=self.moe_intermediate_size,
-                num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
-                num_shared_experts=self.n_shared_experts, shared_expert_gate=self.shared_expert_gate,
-                num_null_experts=self.use_null_expert, capacity_factor=self.expert_capacity_factor,
-                eval_capacity_factor=math.inf if self.eval_dropless and self.expert_capacity_factor is not None
-                else None,
-                min_capacity=self.min_expert_capacity, max_capacity=self.max_expert_capacity,
-                score_func=self.scoring_func, num_groups=self.n_group, topk_groups=self.topk_group,
-                norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.router_scaling_factor,
-                router_jitter=self.router_jitter, bias_balancing=self.topk_method == "noaux_tc",
-                bias_update_rate=self.bias_update_rate, aux_loss_coef=self.aux_loss_coef,
-                seq_aux_loss_coef=self.seq_aux_loss_coef, z_loss_coef=self.z_loss_coef, activation="swiglu",
-                backend=self.moe_backend, init_std=self.initializer_range)
+            cfg = MoEConfig(**layer_kwargs(self), activation="swiglu")
             if cfg.backend == "deepspeed":           # refuse what DeepSpeed's layer cannot do, at config time
                 from dsmoe.moe.deepspeed_layer import check_deepspeed_config
                 check_deepspeed_config(cfg)
             return cfg
-        except ValueError as err:   # name our field, not MoEConfig's
-            m = re.match(r"MoEConfig\.(\w+)=", str(err))
-            if m is None or m.group(1) not in _MOE_FIELD_NAMES:
-                raise
-            ours = _MOE_FIELD_NAMES[m.group(1)]
-            raise ValueError(f"RoutedLMConfig.{ours}={getattr(self, ours)!r}: {err}") from None
+        except OptionError as err:
+            raise ValueError(err.text("RoutedLMConfig", our_name,
+                                      lambda f: getattr(self, our_name(f), None))) from None
 
     # ---------------------------------------------------------------- validation
     def _validate(self) -> None:
@@ -217,13 +188,11 @@ class RoutedLMConfig(PreTrainedConfig):
             return ValueError(f"RoutedLMConfig.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
-                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(name, "must be a positive integer")
-        for name in ("first_k_dense_layers", "n_shared_experts", "use_null_expert", "min_expert_capacity",
-                     "moe_warmup_steps", "aux_loss_ramp_steps"):
+        for name in ("first_k_dense_layers", "moe_warmup_steps", "aux_loss_ramp_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
@@ -251,25 +220,11 @@ class RoutedLMConfig(PreTrainedConfig):
                 raise bad("first_k_dense_layers", "cannot be combined with moe_layer_indices; list the MoE layers")
         elif self.first_k_dense_layers > self.num_hidden_layers:
             raise bad("first_k_dense_layers", f"exceeds num_hidden_layers={self.num_hidden_layers}")
-        if self.num_experts_per_tok > self.n_routed_experts + self.use_null_expert:
-            raise bad("num_experts_per_tok", f"exceeds n_routed_experts + use_null_expert = "
-                                             f"{self.n_routed_experts + self.use_null_expert}")
-        if self.n_routed_experts % self.n_group:
-            raise bad("n_routed_experts", f"must be divisible by n_group={self.n_group}")
-        if self.topk_group > self.n_group:
-            raise bad("topk_group", f"must be <= n_group={self.n_group}")
-        if self.scoring_func not in SCORE_FUNCS:
-            raise bad("scoring_func", f"must be one of {SCORE_FUNCS}")
         if self.topk_method not in TOPK_METHODS:
             raise bad("topk_method", f"must be one of {TOPK_METHODS}")
-        if self.moe_backend not in BACKENDS:
-            raise bad("moe_backend", f"must be one of {BACKENDS}")
-        for name in ("expert_capacity_factor", "warmup_capacity_factor"):
-            v = getattr(self, name)
-            if v is not None and not (v > 0 and (math.isfinite(v) or v == math.inf)):
-                raise bad(name, "must be > 0 (or None)")
-        if self.max_expert_capacity is not None and self.max_expert_capacity < max(self.min_expert_capacity, 1):
-            raise bad("max_expert_capacity", f"is below min_expert_capacity={self.min_expert_capacity}")
+        v = self.warmup_capacity_factor
+        if v is not None and not (v > 0 and (math.isfinite(v) or v == math.inf)):
+            raise bad("warmup_capacity_factor", "must be > 0 (or None)")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
@@ -277,7 +232,7 @@ class RoutedLMConfig(PreTrainedConfig):
                 not isinstance(self.router_reset_step, int) or self.router_reset_step < 0):
             raise bad("router_reset_step", "must be a non-negative integer or None")
         if self.use_moe:
-            self.moe_config()   # the remaining MoE checks, reported under our field names
+            self.moe_config()   # the MoE options are checked once, by MoEConfig, and reported under our names
 
 
 # keys transformers itself reads from a config's kwargs (or writes into config.json) besides the dataclass fields

@@ -23,8 +23,8 @@ from torch import nn
 
 from dsmoe.moe import MoELayer
 
-from .configuration_routed_lm import _MOE_FIELD_NAMES, RoutedLMConfig
-from .modeling_routed_lm import RoutedLMForCausalLM
+from .configuration_routed_lm import RoutedLMConfig
+from .moe_options import BY_LAYER_FIELD, imported_fields
 
 FAMILIES = ("llama", "mixtral", "qwen3_moe", "olmoe")
 _MODEL_STATE = ("model.moe_step", "model.router_reset_done")    # RoutedLM-only buffers
@@ -86,28 +86,29 @@ def _hf_moe_layers(hf, family: str) -> list[int]:
     return list(range(n))
 
 
-def _moe_fields(cfg) -> dict:
-    """RoutedLMConfig MoE fields reproducing a dsmoe MoEConfig (checked afterwards by _check_same_moe)."""
-    return {"n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
-            "moe_intermediate_size": cfg.expert_hidden_size, "n_shared_experts": cfg.num_shared_experts,
-            "shared_expert_gate": cfg.shared_expert_gate, "use_null_expert": cfg.num_null_experts,
-            "expert_capacity_factor": cfg.capacity_factor, "scoring_func": cfg.score_func,
-            "n_group": cfg.num_groups, "topk_group": cfg.topk_groups, "norm_topk_prob": cfg.norm_topk_prob,
-            "router_scaling_factor": cfg.routed_scaling_factor, "router_jitter": cfg.router_jitter,
-            "topk_method": "noaux_tc" if cfg.bias_balancing else "greedy", "aux_loss_coef": cfg.aux_loss_coef,
-            "seq_aux_loss_coef": cfg.seq_aux_loss_coef, "z_loss_coef": cfg.z_loss_coef}
-
-
 def _check_same_moe(config: RoutedLMConfig, want, overridden: set, name: str) -> None:
+    """The imported blocks' MoEConfig must be what ``config`` builds (apart from what the caller overrode)."""
     ours = config.moe_config().to_dict()
-    skip = {"init_std", "grouped_gemm", "eval_capacity_factor"} | {k for k, v in _MOE_FIELD_NAMES.items() if v in overridden}
+    skip = {"init_std", "grouped_gemm", "eval_capacity_factor"} | {
+        k for k, o in BY_LAYER_FIELD.items() if o.ours in overridden}
     for key, value in want.to_dict().items():
         if key not in skip and ours[key] != value:
             raise ValueError(f"from_hf: the MoE blocks of {name} need MoEConfig.{key}={value!r}, which "
                              f"RoutedLMConfig cannot express (it gives {ours[key]!r})")
 
 
-def from_hf(model: nn.Module, **config_overrides) -> RoutedLMForCausalLM:
+def _new_routed_lm(config: RoutedLMConfig) -> nn.Module:
+    """A fresh RoutedLMForCausalLM, through the Auto classes (``import dsmoe`` registered it), so this module
+    does not import the model module that calls into it."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _is_routed_lm(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == RoutedLMConfig.model_type
+
+
+def from_hf(model: nn.Module, **config_overrides) -> nn.Module:
     """A :class:`RoutedLMForCausalLM` holding the weights of a transformers causal LM (see the module doc).
 
     ``config_overrides`` are RoutedLMConfig fields set on top of the converted ones (e.g. ``aux_loss_coef``,
@@ -154,7 +155,7 @@ def from_hf(model: nn.Module, **config_overrides) -> RoutedLMForCausalLM:
     probe = None
     if moe_layers:
         probe = MoELayer.from_hf(model.model.layers[moe_layers[0]].mlp, hf)
-        fields.update(_moe_fields(probe.cfg))
+        fields.update(imported_fields(probe.cfg))
     fields.update(config_overrides)
     config = RoutedLMConfig(**fields)
     if config.moe_layers != moe_layers:
@@ -163,7 +164,7 @@ def from_hf(model: nn.Module, **config_overrides) -> RoutedLMForCausalLM:
     if probe is not None:
         _check_same_moe(config, probe.cfg, set(config_overrides), type(model).__name__)
 
-    ours = RoutedLMForCausalLM(config).to(**_like(model))
+    ours = _new_routed_lm(config).to(**_like(model))
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
     _load_non_moe(ours, model.state_dict(), moe_layers, tied, "from_hf")
     for i in moe_layers:
@@ -173,7 +174,7 @@ def from_hf(model: nn.Module, **config_overrides) -> RoutedLMForCausalLM:
 
 
 # ---------------------------------------------------------------------------------------------- to_hf
-def family_problems(model: RoutedLMForCausalLM) -> dict[str, list[str]]:
+def family_problems(model: nn.Module) -> dict[str, list[str]]:
     """For each supported transformers family, why ``model`` cannot be written as it (empty list = it can)."""
     cfg = model.config
     n = cfg.num_hidden_layers
@@ -248,7 +249,7 @@ def _hf_config(family: str, cfg: RoutedLMConfig):
     return _hf_classes(family)[0](**common, **extra)
 
 
-def to_hf(model: RoutedLMForCausalLM) -> nn.Module:
+def to_hf(model: nn.Module) -> nn.Module:
     """The transformers model (Llama, Mixtral, Qwen3-MoE or OLMoE, first that fits) computing the same logits.
 
     Capacity limits, aux-loss settings and the warmup schedule are training-time settings and are not exported
@@ -269,7 +270,7 @@ def to_hf(model: RoutedLMForCausalLM) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- upcycle
-def upcycle(model: nn.Module, n_routed_experts: int, num_experts_per_tok: int, **moe_kwargs) -> RoutedLMForCausalLM:
+def upcycle(model: nn.Module, n_routed_experts: int, num_experts_per_tok: int, **moe_kwargs) -> nn.Module:
     """Sparse upcycling: a dense model (transformers Llama or dense RoutedLM) whose MLPs become MoE layers.
 
     Every routed expert starts as a copy of its layer's MLP (so ``moe_intermediate_size`` is the dense
@@ -279,7 +280,7 @@ def upcycle(model: nn.Module, n_routed_experts: int, num_experts_per_tok: int, *
     ``moe_kwargs``: any RoutedLMConfig fields (``first_k_dense_layers``, ``expert_capacity_factor``, ...).
     """
     _check_fields(moe_kwargs, "upcycle")
-    dense = model if isinstance(model, RoutedLMForCausalLM) else from_hf(model)
+    dense = model if _is_routed_lm(model) else from_hf(model)
     if dense.config.moe_layers:
         raise ValueError(f"upcycle: the model already has MoE layers {dense.config.moe_layers}; pass a dense model")
     f = dense.config.intermediate_size
@@ -292,7 +293,7 @@ def upcycle(model: nn.Module, n_routed_experts: int, num_experts_per_tok: int, *
     fields = {**dense.config.to_dict(), "use_moe": True, "n_routed_experts": n_routed_experts,
               "num_experts_per_tok": num_experts_per_tok, "moe_intermediate_size": f, **moe_kwargs}
     config = RoutedLMConfig.from_dict(fields)
-    ours = RoutedLMForCausalLM(config).to(**_like(dense))
+    ours = _new_routed_lm(config).to(**_like(dense))
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
     _load_non_moe(ours, dense.state_dict(), config.moe_layers, tied, "upcycle")
     with torch.no_grad():

@@ -1,8 +1,10 @@
-"""RoutedLM: a Llama-style causal LM whose FFNs are dense SwiGLU MLPs or dsmoe MoE layers (seed 004).
+"""RoutedLM: a Llama-style causal LM whose FFNs are dense SwiGLU MLPs or dsmoe MoE layers (the DeepSeek-style
+routed MoE transformer).
 
 Per decoder layer: RMSNorm -> grouped-query attention (RoPE, optional QK-norm / sliding window / qkv clipping,
 ``F.scaled_dot_product_attention``) -> residual -> RMSNorm -> FFN -> residual. The FFN of an MoE layer is a
-:class:`RoutedLMMoE`: a :class:`dsmoe.moe.MoELayer` plus seed 004's training dynamics, all driven by the
+:class:`RoutedLMMoE`: an MoE layer (``dsmoe.moe.build_moe_layer``, either backend) plus the DeepSeek-style
+training dynamics, all driven by the
 training ``step`` passed to ``forward``:
 
 * MoE warmup (``moe_warmup_steps = W``): out = (1 - a) * dense(x) + a * moe(x) with
@@ -21,12 +23,13 @@ The step of the last training forward is kept in the persistent buffer ``model.m
 ``step`` (evaluation, ``generate``) uses it, so a checkpoint evaluates the function it was trained to at that
 point. Padding tokens (``attention_mask == 0``) are not routed: they use no capacity and do not enter the expert
 counts (the sequence-level balance loss then treats the batch's real tokens as one sequence). No
-process-group code here: expert parallelism is applied from outside (``MoELayer.apply_expert_parallel``).
+process-group code here: expert parallelism is applied from outside (``MoELayerBase.apply_expert_parallel``).
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
-from dsmoe.moe import MoELayer
+from dsmoe.moe import MLP, MoELayerBase, MoEStats, build_moe_layer
 from dsmoe.moe.experts import GroupedExperts
 from dsmoe.moe.router import Router
 
@@ -58,8 +61,9 @@ RoutedLMModelOutput = model_output("RoutedLMModelOutput", [
 
     ``last_hidden_state`` (B, T, H); the KV cache (``cache``, or ``past_key_values`` before transformers 5.24);
     ``aux_loss``: scalar, the MoE layers' router losses, summed and multiplied by the aux-loss ramp;
-    ``moe_stats``: per MoE layer, the MoELayer stats (tokens_per_expert, dropped_tokens, null_fraction, capacity,
-    losses) plus ``moe_weight`` (the warmup mixing weight a) and ``capacity_factor`` (the factor used).""")
+    ``moe_stats``: per MoE layer, a :class:`RoutedLMLayerStats`: the layer's :class:`dsmoe.moe.MoEStats`
+    (tokens_per_expert, dropped_tokens, null_fraction, capacity, capacity_factor used, losses) plus
+    ``moe_weight`` (the warmup mixing weight a).""")
 
 RoutedLMCausalLMOutput = model_output("RoutedLMCausalLMOutput", [
     ("loss", torch.FloatTensor), ("logits", torch.FloatTensor), ("cache", Cache), ("lm_loss", torch.FloatTensor),
@@ -165,18 +169,19 @@ class RoutedLMAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class RoutedLMMLP(nn.Module):
-    """Dense SwiGLU FFN: down(silu(gate(x)) * up(x))."""
+class RoutedLMMLP(MLP):
+    """Dense SwiGLU FFN of width ``intermediate_size``: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: RoutedLMConfig):
-        super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
-        self.down_proj = nn.Linear(f, h, bias=False)
+        super().__init__(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+@dataclass
+class RoutedLMLayerStats(MoEStats):
+    """:class:`dsmoe.moe.MoEStats` of one RoutedLM MoE layer, plus the warmup mixing weight."""
+
+    moe_weight: float | torch.Tensor = 1.0
+    """Share a of the MoE path in the layer's FFN output (below 1 during ``moe_warmup_steps``)."""
 
 
 class TokenImportance(nn.Linear):
@@ -188,12 +193,13 @@ class TokenImportance(nn.Linear):
 
 
 class RoutedLMMoE(nn.Module):
-    """MoE FFN of one layer: ``moe`` (a :class:`MoELayer`), and with seed 004's options the dense warmup path
-    ``warmup_mlp`` with its mixing logit ``warmup_logit``, and the token scorer ``importance`` (see module doc)."""
+    """MoE FFN of one layer: ``moe`` (an MoE layer of ``config.moe_backend``), the dense warmup path
+    ``warmup_mlp`` with its mixing logit ``warmup_logit`` (``moe_warmup_steps``), and the token scorer
+    ``importance`` (``learned_token_importance``); see the module doc."""
 
     def __init__(self, config: RoutedLMConfig):
         super().__init__()
-        self.moe = MoELayer(config.moe_config())
+        self.moe = build_moe_layer(config.moe_config())
         self.warmup_steps = config.moe_warmup_steps
         if self.warmup_steps:
             self.warmup_mlp = RoutedLMMLP(config)
@@ -215,14 +221,12 @@ class RoutedLMMoE(nn.Module):
             y[token_mask] = r.hidden_states
         if score is not None:
             y = y * (2 * torch.sigmoid(score)).unsqueeze(-1).to(y.dtype)
-        stats = dict(r.stats)
-        stats["capacity_factor"] = moe_kwargs.get("capacity_factor", self.moe.capacity_factor)
+        moe_weight = 1.0
         if self.warmup_mlp is not None and progress < 1:
             a = progress + (1 - progress) * torch.sigmoid(self.warmup_logit)
             y = (1 - a).to(y.dtype) * self.warmup_mlp(x) + a.to(y.dtype) * y
-            stats["moe_weight"] = a.detach().squeeze()
-        else:
-            stats["moe_weight"] = 1.0
+            moe_weight = a.detach().squeeze()
+        stats = RoutedLMLayerStats(**vars(r.stats), moe_weight=moe_weight)
         return y, r.aux_loss, stats
 
 
@@ -296,7 +300,7 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[MoELayerBase]:
         return [layer.mlp.moe for layer in self.layers if layer.is_moe]
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -364,7 +368,7 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
         return progress, aux_scale, moe_kwargs
 
     def _routers(self) -> list[nn.Module]:
-        return [moe.router if hasattr(moe, "router") else moe.gate for moe in self.moe_layers()]  # dsmoe / deepspeed
+        return [moe.router for moe in self.moe_layers()]
 
     @torch.no_grad()
     def router_reset_values(self, generator: torch.Generator | None = None) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -427,7 +431,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss + out.aux_loss.to(lm_loss.device)
-        usage = [s["tokens_per_expert"] for s in out.moe_stats]
+        usage = [s.tokens_per_expert for s in out.moe_stats]
         imbalances = None
         if usage:
             loads = torch.stack([u.float() for u in usage])                     # (L_moe, E)
@@ -466,21 +470,21 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
         DEBUG_LOG.info("forward %d (%s, step %d): aux_loss %.4g", self._debug_calls, mode, int(self.model.moe_step),
                        float(aux_loss.detach()))
         for i, (layer, st) in enumerate(zip(self.config.moe_layers, moe_stats)):
-            load = st["tokens_per_expert"].float()
+            load = st.tokens_per_expert.float()
             share = load / load.sum().clamp_min(1)
             DEBUG_LOG.info("  layer %d: expert share min %.3f max %.3f (uniform %.3f, imbalance %.2f), null %.3f, "
                            "dropped %d, capacity %s, moe_weight %.3f", layer, float(share.min()), float(share.max()),
-                           1 / share.numel(), float(imbalances[i]), float(st["null_fraction"]),
-                           int(st["dropped_tokens"]), st["capacity"], float(st["moe_weight"]))
+                           1 / share.numel(), float(imbalances[i]), st.null_fraction, st.dropped_tokens,
+                           st.capacity, float(st.moe_weight))
 
     # ------------------------------------------------------------------ MoE helpers
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoELayer of every MoE layer, in depth order."""
+    def moe_layers(self) -> list[MoELayerBase]:
+        """The MoE layer (either backend) of every MoE layer, in depth order."""
         return self.model.moe_layers()
 
     def update_expert_bias(self, group=None) -> list:
         """Aux-loss-free balancing (topk_method="noaux_tc"): call after each optimizer step. ``group``: the
-        data-parallel group whose loads are summed (see :meth:`dsmoe.moe.MoELayer.update_expert_bias`)."""
+        data-parallel group whose loads are summed (see :meth:`dsmoe.moe.MoELayerBase.update_expert_bias`)."""
         return [moe.update_expert_bias(group) for moe in self.moe_layers()]
 
     # ------------------------------------------------------------------ HF interop (see interop.py)

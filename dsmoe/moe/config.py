@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 SCORE_FUNCS = ("softmax", "sigmoid", "identity")
 DROP_POLICIES = ("probs", "position")
@@ -11,11 +13,30 @@ BACKENDS = ("dsmoe", "deepspeed")
 GROUP_SCORES = ("top2_sum", "max")
 
 
+class OptionError(ValueError):
+    """A bad option value that knows which option(s) it is about, so a config that builds :class:`MoEConfig`
+    from its own options (e.g. ``RoutedLMConfig``) can report it in its own names (:meth:`text`).
+
+    ``why`` may refer to other options as ``{name}`` placeholders (listed in ``related``); they are written as
+    ``Owner.name=value``.
+    """
+
+    def __init__(self, owner: str, field: str, values: Callable[[str], Any], why: str, related: tuple = ()):
+        self.field, self.why, self.related = field, why, tuple(related)
+        super().__init__(self.text(owner, lambda f: f, values))
+
+    def text(self, owner: str, name: Callable[[str], str], value: Callable[[str], Any]) -> str:
+        """The message with options renamed by ``name`` and their values read through ``value``."""
+        rel = {f: f"{owner}.{name(f)}={value(f)!r}" for f in self.related}
+        return f"{owner}.{name(self.field)}={value(self.field)!r}: {self.why.format(**rel)}"
+
+
 @dataclass
 class MoEConfig:
     """Configuration of a :class:`dsmoe.moe.MoELayer`.
 
-    Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the field.
+    Every field is validated in ``__post_init__``; a bad value raises :class:`OptionError` (a ``ValueError``)
+    naming the field.
     """
 
     hidden_size: int
@@ -90,8 +111,8 @@ class MoEConfig:
     """Std of the normal init of router and expert weights."""
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"MoEConfig.{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str, *related: str) -> OptionError:
+            return OptionError("MoEConfig", name, lambda f: getattr(self, f), why, related)
 
         for name in ("hidden_size", "expert_hidden_size", "num_experts", "top_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -100,23 +121,24 @@ class MoEConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         if self.top_k > self.num_experts + self.num_null_experts:
-            raise bad("top_k", f"exceeds num_experts + num_null_experts = {self.num_experts + self.num_null_experts}")
+            raise bad("top_k", "exceeds {num_experts} + {num_null_experts}", "num_experts", "num_null_experts")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)) and v != math.inf:
                 raise bad(name, "must be > 0 (or None for dropless)")
         if self.max_capacity is not None and self.max_capacity < max(self.min_capacity, 1):
-            raise bad("max_capacity", f"is below min_capacity={self.min_capacity}")
+            raise bad("max_capacity", "is below {min_capacity}", "min_capacity")
         for name, allowed in (("drop_policy", DROP_POLICIES), ("score_func", SCORE_FUNCS),
                               ("activation", ACTIVATIONS), ("backend", BACKENDS), ("group_score", GROUP_SCORES)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if self.num_groups <= 0 or self.num_experts % self.num_groups:
-            raise bad("num_groups", f"must divide num_experts={self.num_experts}")
+            raise bad("num_groups", "must divide {num_experts}", "num_experts")
         if not 1 <= self.topk_groups <= self.num_groups:
-            raise bad("topk_groups", f"must be in [1, num_groups={self.num_groups}]")
+            raise bad("topk_groups", "must be in [1, {num_groups}]", "num_groups")
         if self.num_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.num_groups) + self.num_null_experts:
-            raise bad("top_k", "exceeds the experts reachable in topk_groups groups")
+            raise bad("top_k", "exceeds the experts reachable in {topk_groups} of {num_groups} groups (+ null "
+                      "experts)", "topk_groups", "num_groups")
         if self.router_temperature <= 0:
             raise bad("router_temperature", "must be > 0")
         if not 0 <= self.router_jitter < 1:

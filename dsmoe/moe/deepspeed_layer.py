@@ -1,6 +1,6 @@
 """``backend="deepspeed"``: the MoELayer interface over DeepSpeed's native ``deepspeed.moe.layer.MoE``.
 
-``MoELayer(cfg)`` returns a :class:`DeepSpeedMoELayer` when ``cfg.backend == "deepspeed"``. It exists so a
+``build_moe_layer(cfg)`` returns a :class:`DeepSpeedMoELayer` when ``cfg.backend == "deepspeed"``. It exists so a
 model can be trained with DeepSpeed's own gate, capacity-padded all-to-all and expert checkpoint format
 (ZeRO-1/2 only: DeepSpeed refuses native MoE under ZeRO-3), e.g. as a reference for the dsmoe backend.
 
@@ -45,20 +45,20 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from ..deepspeed_comm import init_deepspeed_comm
-from .config import MoEConfig
-from .layer import MoEOutput
+from .config import MoEConfig, OptionError
+from .interface import KEEP, ExpertShard, MoELayerBase, MoEOutput
+from .mlp import MLP
+from .stats import MoEStats
 
-_DEFAULT = object()
 
-
-def _bad(cfg: MoEConfig, name: str, why: str) -> ValueError:
-    return ValueError(f"MoEConfig.{name}={getattr(cfg, name)!r} is not supported with backend='deepspeed': {why}")
+def _bad(cfg: MoEConfig, name: str, why: str) -> OptionError:
+    return OptionError("MoEConfig", name, lambda f: getattr(cfg, f),
+                       f"is not supported with backend='deepspeed': {why}")
 
 
 def check_deepspeed_config(cfg: MoEConfig) -> None:
@@ -112,23 +112,8 @@ def check_deepspeed_config(cfg: MoEConfig) -> None:
                    "k=2: second choices first, k>=3: lowest probability); use 'probs' (= DeepSpeed's order)")
 
 
-class DeepSpeedExpertMLP(nn.Module):
-    """One expert, hidden_size -> expert_hidden_size -> hidden_size, without biases (HF naming).
-
-    SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``; GELU: ``down_proj(gelu(up_proj(x)))``.
-    """
-
-    def __init__(self, hidden_size: int, ffn_size: int, activation: str):
-        super().__init__()
-        self.activation = activation
-        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=False) if activation == "swiglu" else None
-        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False)
-        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+DeepSpeedExpertMLP = MLP
+"""One expert, hidden_size -> expert_hidden_size -> hidden_size, without biases (HF naming)."""
 
 
 class _NativeMoE(MoE):
@@ -142,8 +127,9 @@ class _NativeMoE(MoE):
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
 
-class DeepSpeedMoELayer(nn.Module):
-    """:class:`dsmoe.moe.MoELayer`'s interface over ``deepspeed.moe.layer.MoE`` (see the module docstring).
+class DeepSpeedMoELayer(MoELayerBase):
+    """The MoE-layer interface (:class:`~dsmoe.moe.interface.MoELayerBase`) over ``deepspeed.moe.layer.MoE``
+    (see the module docstring).
 
     The DeepSpeed module is ``self.moe``; its expert parameters are tagged by DeepSpeed itself
     (``allreduce=False``, ``group_name="ep_size_N"``). Construction initialises all ``num_experts`` experts
@@ -191,6 +177,13 @@ class DeepSpeedMoELayer(nn.Module):
 
     def _capture_gate(self, module, args, output) -> None:
         self._gate_out = output
+
+    zero3_compatible = False          # DeepSpeed refuses its native MoE under ZeRO stage 3
+
+    @property
+    def router(self) -> nn.Module:
+        """DeepSpeed's gate (its ``wg.weight`` is the router weight)."""
+        return self.gate
 
     @property
     def gate(self) -> nn.Module:
@@ -255,10 +248,6 @@ class DeepSpeedMoELayer(nn.Module):
         return self
 
     @property
-    def ep_size(self) -> int:
-        return self.moe.ep_size
-
-    @property
     def expert_parallel_size(self) -> int:
         return self.moe.ep_size
 
@@ -266,12 +255,17 @@ class DeepSpeedMoELayer(nn.Module):
     def local_expert_range(self) -> tuple[int, int]:
         el = self.moe.num_local_experts
         group = self.moe.deepspeed_moe.ep_group
-        r = dist.get_rank(group) if self.ep_size > 1 else 0
+        r = dist.get_rank(group) if self.expert_parallel_size > 1 else 0
         return r * el, (r + 1) * el
 
-    def update_expert_bias(self, group=None):
-        """No-op: bias balancing is not available with backend='deepspeed'."""
-        return None
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
+
+    def expert_shard(self) -> ExpertShard | None:
+        if self.expert_parallel_size == 1:
+            return None
+        return ExpertShard(self.moe.deepspeed_moe.ep_group, self.moe.num_local_experts, False,
+                           tuple(self.expert_parameters()))
 
     @property
     def capacity_factor(self) -> float | None:
@@ -289,7 +283,7 @@ class DeepSpeedMoELayer(nn.Module):
 
     @contextmanager
     def _capacity_override(self, capacity_factor):
-        if capacity_factor is _DEFAULT:
+        if capacity_factor is KEEP:
             yield
             return
         gate = self.gate
@@ -303,14 +297,12 @@ class DeepSpeedMoELayer(nn.Module):
             gate.capacity_factor, gate.eval_capacity_factor, gate.drop_tokens = saved
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, capacity_factor=_DEFAULT, token_priority: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, capacity_factor=KEEP, token_priority: torch.Tensor | None = None,
                 ) -> MoEOutput:
         """x: (B, T, H) or (N, H). ``capacity_factor`` overrides the configured one for this call (all ranks of
         the EP group must agree). ``token_priority`` is not supported (DeepSpeed's gate picks the drop order)."""
         cfg = self.cfg
-        if x.shape[-1] != cfg.hidden_size or x.dim() not in (2, 3):
-            raise ValueError(f"MoELayer expects input [B, T, {cfg.hidden_size}] or [N, {cfg.hidden_size}] "
-                             f"(MoEConfig.hidden_size={cfg.hidden_size}), got {list(x.shape)}")
+        self.check_input(x)
         if token_priority is not None:
             raise ValueError("token_priority is not supported with backend='deepspeed'")
         n = x.numel() // cfg.hidden_size
@@ -322,6 +314,8 @@ class DeepSpeedMoELayer(nn.Module):
         with self._capacity_override(capacity_factor):
             out, l_aux, _ = self.moe(x)
             drop_tokens = self.gate.drop_tokens
+            cf_used = (self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor) \
+                if drop_tokens else None
         g, self._gate_out = self._gate_out, None
         if g is None:
             raise RuntimeError("DeepSpeed's gate did not run (forward hook missing)")
@@ -332,18 +326,15 @@ class DeepSpeedMoELayer(nn.Module):
             cap, routed = g[2].shape[-1], g[3]
             kept = g[2].sum(dim=(0, 2))
         vec = torch.cat([kept.to(torch.long), routed.detach().to(kept.device, torch.long)])
-        if self.ep_size > 1:
+        if self.expert_parallel_size > 1:
             vec = vec.clone()
             dist.all_reduce(vec, group=self.moe.deepspeed_moe.ep_group)
         tokens_per_expert, routed_per_expert = vec[:e], vec[e:]
-        stats = {"tokens_per_expert": tokens_per_expert,
-                 "dropped_tokens": int(routed_per_expert.sum() - tokens_per_expert.sum()),
-                 "null_fraction": 0.0,
-                 "capacity": cap if drop_tokens else None,
-                 "routed_per_expert": routed_per_expert}
-        if cfg.aux_loss_coef:
-            aux = cfg.aux_loss_coef * l_aux
-            stats["load_balance_loss"] = l_aux.detach()
-        else:
-            aux = l_aux.new_zeros(()).detach()
+        stats = MoEStats(tokens_per_expert=tokens_per_expert,
+                         dropped_tokens=int(routed_per_expert.sum() - tokens_per_expert.sum()), null_fraction=0.0,
+                         capacity=cap if drop_tokens else None,
+                         capacity_factor=cf_used,
+                         routed_per_expert=routed_per_expert,
+                         load_balance_loss=l_aux.detach() if cfg.aux_loss_coef else None)
+        aux = cfg.aux_loss_coef * l_aux if cfg.aux_loss_coef else l_aux.new_zeros(()).detach()
         return MoEOutput(out, aux, stats, None)

@@ -6,6 +6,7 @@ original order. Null and dropped assignments never reach a dispatcher, so they a
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,29 @@ class Dispatched:
         return self
 
 
-class LocalDispatcher:
+class TokenDispatcher(ABC):
+    """Moves expert-sorted rows to the ranks holding their experts (:meth:`dispatch`) and the expert outputs
+    back (:meth:`combine`); :meth:`all_reduce` sums statistics over the same group."""
+
+    world_size: int
+    rank: int
+    num_experts: int
+    num_local_experts: int
+
+    @abstractmethod
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> "Dispatched":
+        """tokens (N, H) sorted by global expert, counts (E,) -> this rank's rows sorted by local expert."""
+
+    @abstractmethod
+    def combine(self, out: torch.Tensor, d: "Dispatched") -> torch.Tensor:
+        """Expert outputs of :meth:`dispatch`'s rows -> outputs for the original rows, in their order."""
+
+    @abstractmethod
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the dispatcher's group (a new tensor)."""
+
+
+class LocalDispatcher(TokenDispatcher):
     """Single-rank dispatcher: all experts are local, nothing moves."""
 
     world_size = 1
@@ -49,7 +72,7 @@ class LocalDispatcher:
         return t
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Expert-parallel dispatcher over a torch.distributed group (gloo or NCCL).
 
     Rank r holds global experts [r*E/P, (r+1)*E/P). One small all-to-all exchanges the per-expert counts,

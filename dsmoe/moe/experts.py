@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .mlp import MLP
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -68,28 +69,18 @@ class GroupedExperts(nn.Module):
         return _grouped_matmul(h, w_out, counts, offs)
 
 
-class SharedExperts(nn.Module):
+class SharedExperts(MLP):
     """Always-on dense MLP (the fused shared experts) with an optional sigmoid gate (Qwen2-MoE)."""
 
     def __init__(self, cfg: MoEConfig):
-        super().__init__()
-        h, f = cfg.hidden_size, cfg.shared_hidden
-        self.activation = cfg.activation
-        if cfg.activation == "swiglu":
-            self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
-        self.down_proj = nn.Linear(f, h, bias=False)
-        self.gate = nn.Linear(h, 1, bias=False) if cfg.shared_expert_gate else None
+        super().__init__(cfg.hidden_size, cfg.shared_hidden, cfg.activation)
+        self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=cfg.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = F.gelu(self.up_proj(x))
-        out = self.down_proj(h)
+        out = super().forward(x)
         if self.gate is not None:
             out = torch.sigmoid(self.gate(x)) * out
         return out

@@ -1,73 +1,58 @@
-"""MoELayer: router -> (null / capacity filter) -> dispatcher -> grouped experts -> combine (+ shared)."""
+"""MoELayer: router -> (null / capacity filter) -> dispatcher -> grouped experts -> combine (+ shared).
+
+dsmoe's own backend of :class:`dsmoe.moe.interface.MoELayerBase`. Shapes: (N)umber of local tokens, (H)idden
+size, (E) routed experts, (k) choices per token, (P) expert-parallel group size.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import losses
 from .capacity import expert_capacity, keep_within_capacity
 from .config import MoEConfig
-from .dispatcher import AllToAllDispatcher, LocalDispatcher
+from .dispatcher import AllToAllDispatcher, LocalDispatcher, TokenDispatcher
 from .experts import GroupedExperts, SharedExperts
+from .interface import KEEP, ExpertShard, MoELayerBase, MoEOutput
 from .router import Router
-
-_DEFAULT = object()
-
-
-@dataclass
-class MoEOutput:
-    hidden_states: torch.Tensor
-    """Same shape as the input."""
-    aux_loss: torch.Tensor
-    """Scalar: weighted sum of the enabled router losses (0 when none is enabled)."""
-    stats: dict = field(default_factory=dict)
-    """Detached: tokens_per_expert (E,) long over the EP group, dropped_tokens, null_fraction, losses."""
-    router_logits: torch.Tensor | None = None
-    """(N, C) fp32 router logits of the local tokens."""
+from .stats import MoEStats
 
 
-class MoELayer(nn.Module):
+class MoELayer(MoELayerBase):
     """A Mixture-of-Experts FFN with routed, shared and null experts and optional capacity limits.
 
-    ``MoELayer(cfg)`` with ``cfg.backend == "deepspeed"`` returns a
-    :class:`dsmoe.moe.deepspeed_layer.DeepSpeedMoELayer` with the same interface.
+    Build one with :func:`dsmoe.moe.build_moe_layer` (which picks the backend of ``cfg.backend``) or directly.
     """
-
-    def __new__(cls, cfg: MoEConfig | None = None, *args, **kwargs):
-        if cls is MoELayer and cfg is not None and cfg.backend == "deepspeed":
-            from .deepspeed_layer import DeepSpeedMoELayer
-            return DeepSpeedMoELayer(cfg)
-        return super().__new__(cls)
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        if cfg.backend != "dsmoe":
+            raise ValueError(f"MoEConfig.backend={cfg.backend!r}: MoELayer is the 'dsmoe' backend; build the layer "
+                             f"with dsmoe.moe.build_moe_layer(cfg)")
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.shared_hidden > 0 else None
-        self.dispatcher: LocalDispatcher | AllToAllDispatcher = LocalDispatcher(cfg.num_experts)
-        self.capacity_factor = cfg.capacity_factor
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
 
     # ------------------------------------------------------------------ parallelism
     def apply_expert_parallel(self, group=None) -> "MoELayer":
         """Shard the routed experts over ``group`` (size P): rank r keeps experts [r*E/P, (r+1)*E/P)."""
-        import torch.distributed as dist
         p, r = dist.get_world_size(group), dist.get_rank(group)
         e = self.cfg.num_experts
         if e % p:
             raise ValueError(f"num_experts={e} is not divisible by the expert-parallel group size {p}")
         if self.experts.num_experts != e:
             raise RuntimeError("apply_expert_parallel was already applied to this layer")
+        if p == 1:
+            return self
         el = e // p
         with torch.no_grad():
             for name in ("w_in", "w_out"):
                 full = getattr(self.experts, name)
                 shard = nn.Parameter(full[r * el:(r + 1) * el].clone(), requires_grad=full.requires_grad)
                 setattr(self.experts, name, shard)
-        for prm in self.experts.parameters():
-            prm.dsmoe_expert = True          # read by dsmoe.parallel when building optimizer groups
         self.dispatcher = AllToAllDispatcher(e, group)
         return self
 
@@ -80,19 +65,26 @@ class MoELayer(nn.Module):
         el = self.dispatcher.num_local_experts
         return self.dispatcher.rank * el, (self.dispatcher.rank + 1) * el
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
+
+    def expert_shard(self) -> ExpertShard | None:
+        if self.expert_parallel_size == 1:
+            return None
+        return ExpertShard(self.dispatcher.group, self.dispatcher.num_local_experts, True,
+                           tuple(self.expert_parameters()))
+
     def update_expert_bias(self, group=None):
         """Aux-loss-free balancing step; call after each optimizer step (dsmoe's trainer does)."""
         return self.router.update_bias(group)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, capacity_factor=_DEFAULT, token_priority: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, capacity_factor=KEEP, token_priority: torch.Tensor | None = None,
                 ) -> MoEOutput:
         """x: (B, T, H) or (N, H). ``capacity_factor`` overrides the configured one for this call (warmup);
         ``token_priority`` (same leading shape as x) replaces the router weight as the drop order."""
         cfg = self.cfg
-        if x.shape[-1] != cfg.hidden_size or x.dim() not in (2, 3):
-            raise ValueError(f"MoELayer expects input [B, T, {cfg.hidden_size}] or [N, {cfg.hidden_size}] "
-                             f"(MoEConfig.hidden_size={cfg.hidden_size}), got {list(x.shape)}")
+        self.check_input(x)
         shape = x.shape
         x2 = x.reshape(-1, cfg.hidden_size)
         n, k, e = x2.shape[0], cfg.top_k, cfg.num_experts
@@ -106,8 +98,8 @@ class MoELayer(nn.Module):
         keep = flat_expert < e                          # null choices never leave the router
         n_null = (~keep).sum()
 
-        if capacity_factor is _DEFAULT:
-            capacity_factor = self.capacity_factor
+        if capacity_factor is KEEP:
+            capacity_factor = cfg.capacity_factor
             if not self.training and cfg.eval_capacity_factor is not None:
                 capacity_factor = cfg.eval_capacity_factor
         cap = expert_capacity(n, k, e, capacity_factor, cfg.min_capacity, cfg.max_capacity)
@@ -146,15 +138,16 @@ class MoELayer(nn.Module):
 
         stats_vec = torch.cat([counts, torch.stack([n_dropped, n_null, n_null.new_tensor(flat_expert.numel())])])
         stats_vec = self.dispatcher.all_reduce(stats_vec)
-        stats = {"tokens_per_expert": stats_vec[:e], "dropped_tokens": int(stats_vec[e]),
-                 "null_fraction": float(stats_vec[e + 1]) / max(int(stats_vec[e + 2]), 1),
-                 "capacity": cap, **loss_stats}
+        stats = MoEStats(tokens_per_expert=stats_vec[:e], dropped_tokens=int(stats_vec[e]),
+                         null_fraction=float(stats_vec[e + 1]) / max(int(stats_vec[e + 2]), 1), capacity=cap,
+                         capacity_factor=capacity_factor, **loss_stats)
         return MoEOutput(out.view(shape), aux, stats, r.logits)
 
-    def _aux_losses(self, r, shape) -> tuple[torch.Tensor, dict]:
+    def _aux_losses(self, r, shape) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the enabled router losses, and each unweighted (for :class:`MoEStats`)."""
         cfg = self.cfg
         aux = r.logits.new_zeros(())
-        stats: dict = {}
+        stats: dict[str, torch.Tensor] = {}
         if cfg.random_routing:
             return aux, stats
         if cfg.aux_loss_coef:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dsmoe.data import DataConfig
+from dsmoe.moe import backend_class
 from dsmoe.suggest import did_you_mean
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,9 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: str = "ds_configs/debug.json"
     """Path of a DeepSpeed JSON config (relative paths: the working directory, then the dsmoe repo)."""
+    model_config: Any = field(default=None, repr=False, compare=False)
+    """The ``model`` section parsed once into a ``RoutedLMConfig`` (by :func:`load_config` / :func:`validate`);
+    the trainer fills in what the data decides (vocabulary size, special tokens, context length)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
@@ -194,7 +198,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not isinstance(model, dict):
         raise ConfigError(f"model={model!r}: expected a mapping of RoutedLMConfig keys")
     cfg = RunConfig(
-        model=dict(model),
+        model=dict(model), model_config=parse_model(model),
         data=_build_section("data", DataConfig, tree.get("data") or {}),
         train=_build_section("train", TrainConfig, tree.get("train") or {}),
         parallel=_build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
@@ -210,10 +214,25 @@ def model_keys() -> set[str]:
     return set(RoutedLMConfig.__annotations__)
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Check every parallel degree against the model in one place, before anything is built."""
+def parse_model(section: dict[str, Any]):
+    """The ``model:`` section as a ``RoutedLMConfig`` (its vocab_size is replaced by the tokenizer's later);
+    an unknown key or bad value is a ConfigError naming ``model.<key>``."""
     from dsmoe.models import RoutedLMConfig
 
+    known = model_keys()
+    for k in section:
+        if k not in known:
+            raise ConfigError(f"model.{k}: unknown key{did_you_mean(k, known)} (the model keys are the options of "
+                              f"dsmoe.models.RoutedLMConfig)")
+    try:
+        return RoutedLMConfig(**section)
+    except (TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check every parallel degree against the model in one place, before anything is built."""
     t, ep = cfg.train, cfg.parallel.expert_parallel_size
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
@@ -222,22 +241,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.lr={t.lr}: must be > 0")
     if ep <= 0:
         raise ConfigError(f"parallel.expert_parallel_size={ep}: must be a positive integer")
-    known = model_keys()
-    for k in cfg.model:
-        if k not in known:
-            raise ConfigError(f"model.{k}: unknown key{did_you_mean(k, known)} (the model keys are the options of "
-                              f"dsmoe.models.RoutedLMConfig)")
-    try:
-        mcfg = RoutedLMConfig(**{**cfg.model, "vocab_size": cfg.model.get("vocab_size", 256)})
-    except (TypeError, ValueError) as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
+    if cfg.model_config is None:
+        cfg.model_config = parse_model(cfg.model)
+    mcfg = cfg.model_config
     if mcfg.use_moe and mcfg.n_routed_experts % ep:
         raise ConfigError(f"model.n_routed_experts={mcfg.n_routed_experts}: not divisible by "
                           f"parallel.expert_parallel_size={ep}; pick a divisor")
     stage = int(cfg.load_deepspeed().get("zero_optimization", {}).get("stage", 0))
-    if mcfg.use_moe and mcfg.moe_backend == "deepspeed" and stage == 3:
-        raise ConfigError(f"model.moe_backend=deepspeed: DeepSpeed's native MoE refuses ZeRO stage 3 "
+    if mcfg.use_moe and stage == 3 and not backend_class(mcfg.moe_backend).zero3_compatible:
+        raise ConfigError(f"model.moe_backend={mcfg.moe_backend}: this MoE backend cannot run under ZeRO stage 3 "
                           f"(deepspeed={cfg.deepspeed}); use model.moe_backend=dsmoe or a zero1/zero2 config")
     if world_size is not None and world_size % ep:
         raise ConfigError(f"parallel.expert_parallel_size={ep}: does not divide the world size {world_size}")

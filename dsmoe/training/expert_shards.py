@@ -1,6 +1,7 @@
 """How expert-parallel shards map to the unsharded ("global") layout that checkpoints store.
 
-With expert parallelism of size P, group rank r holds global experts [r*E/P, (r+1)*E/P). Two layouts exist:
+With expert parallelism of size P, group rank r holds global experts [r*E/P, (r+1)*E/P). Each MoE layer says
+which it holds (``MoELayerBase.expert_shard``); two layouts exist:
 
 - dsmoe's ``MoELayer`` stacks its local experts in one tensor per weight ([E/P, ...]): the global tensor is
   the concatenation of the P ranks' tensors along dim 0, under the same name;
@@ -15,46 +16,29 @@ in one layout.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsmoe.moe import ExpertShard, moe_layers
+
 _DS_EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 
 
-@dataclass(frozen=True)
-class Shard:
-    group: object
-    """The layer's expert-parallel process group (size P > 1)."""
-    local_experts: int
-    """E/P: experts held by each rank."""
-    stacked: bool
-    """True: dsmoe's stacked [E/P, ...] tensors; False: DeepSpeed's one module per expert."""
-
-
-def expert_shards(model: nn.Module) -> dict[int, Shard]:
-    """``id(parameter) -> Shard`` for every expert parameter sharded over an expert-parallel group of size > 1."""
-    from dsmoe.moe import MoELayer
-    from .parallel import moe_layers
-
-    out: dict[int, Shard] = {}
+def expert_shards(model: nn.Module) -> dict[int, ExpertShard]:
+    """``id(parameter) -> ExpertShard`` for every expert parameter sharded over an expert-parallel group of size
+    > 1 (each MoE layer describes its own shard)."""
+    out: dict[int, ExpertShard] = {}
     for layer in moe_layers(model):
-        p = layer.expert_parallel_size
-        if p <= 1:
-            continue
-        if isinstance(layer, MoELayer):
-            shard = Shard(layer.dispatcher.group, layer.cfg.num_experts // p, True)
-        else:                                           # DeepSpeedMoELayer
-            shard = Shard(layer.moe.deepspeed_moe.ep_group, layer.cfg.num_experts // p, False)
-        for t in layer.experts.parameters():
-            out[id(t)] = shard
+        shard = layer.expert_shard()
+        if shard is not None:
+            out.update((id(p), shard) for p in shard.parameters)
     return out
 
 
-def _renamed(name: str, shard: Shard, rank: int) -> str:
+def _renamed(name: str, shard: ExpertShard, rank: int) -> str:
     m = _DS_EXPERT.search(name)
     if m is None:
         raise ValueError(f"{name}: not a DeepSpeed expert parameter name (no '.deepspeed_experts.<j>.')")
@@ -62,7 +46,7 @@ def _renamed(name: str, shard: Shard, rank: int) -> str:
     return name[:m.start()] + f"{m.group(1)}{g}{m.group(3)}" + name[m.end():]
 
 
-def gather_global(name: str, t: torch.Tensor, shard: Shard | None) -> list[tuple[str, torch.Tensor]]:
+def gather_global(name: str, t: torch.Tensor, shard: ExpertShard | None) -> list[tuple[str, torch.Tensor]]:
     """Collective over ``shard.group``: the global (name, tensor) pairs this local tensor belongs to
     (``shard`` None: a replicated tensor, already global)."""
     if shard is None:
@@ -74,7 +58,7 @@ def gather_global(name: str, t: torch.Tensor, shard: Shard | None) -> list[tuple
     return [(_renamed(name, shard, r), part) for r, part in enumerate(parts)]
 
 
-def local_part(name: str, shard: Shard | None, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def local_part(name: str, shard: ExpertShard | None, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """This rank's part of parameter ``name`` from a global state read through ``get(global_name)``."""
     if shard is None:
         return get(name)

@@ -1,17 +1,30 @@
 """DeepSpeed process groups and expert-parameter tagging: the only place that touches DeepSpeed's private
-expert-parallel attributes (../shared/notes/deepspeed.md). Tested by the multi-process training tests."""
+expert-parallel attributes.
+
+What DeepSpeed 0.19 reads, and why it is set here (tested by the multi-process training tests on every upgrade):
+
+- ``deepspeed.utils.groups._create_expert_and_data_parallel(P)`` must run before ``deepspeed.initialize``: it makes
+  the ``ep_size_P`` expert groups (consecutive ranks) and their expert-data-parallel groups.
+- Every expert parameter carries ``allreduce=False`` and ``group_name="ep_size_P"`` (the engine then reduces its
+  gradient over the expert-data-parallel group only, and ZeRO-1/2 keep it in its own optimizer group built by
+  ``split_params_into_different_moe_groups_for_optimizer``).
+- Under ZeRO-3 also ``ds_zero_placement_family="autoep_expert"``, ``ds_zero_partition_group_name`` and
+  ``ds_zero_partition_process_group`` (read by ``runtime/zero/partition_parameters.py``): stage 3 then partitions
+  expert parameters over the expert-data-parallel group instead of the whole world.
+- ``engine.has_moe_layers`` is set only for DeepSpeed's own MoE classes (see :func:`engine_knows_dsmoe_layers`).
+"""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-import socket
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dsmoe.deepspeed_comm import init_deepspeed_comm
-from dsmoe.moe import MoELayer
+from dsmoe.moe import moe_layers
+from dsmoe.ports import free_port
 
 
 @dataclass
@@ -24,12 +37,6 @@ class DistInfo:
     """True under a launcher (deepspeed/torchrun/srun); False in debug mode (world size 1, no launcher)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistInfo:
     """Join the launcher's process group, or create a world of one (debug mode) on the same code path."""
     from deepspeed.accelerator import get_accelerator
@@ -37,7 +44,7 @@ def init_distributed() -> DistInfo:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not launched:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_deepspeed_comm(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
@@ -47,12 +54,6 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, launched)
-
-
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """All token-level MoE layers of a model (both backends), in module order."""
-    from dsmoe.moe.deepspeed_layer import DeepSpeedMoELayer
-    return [m for m in model.modules() if isinstance(m, (MoELayer, DeepSpeedMoELayer))]
 
 
 def setup_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> None:
@@ -69,21 +70,14 @@ def setup_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> No
     ep_group = groups._get_expert_parallel_group(name)
     edp_group = groups._get_expert_data_parallel_group(name)
     for layer in moe_layers(model):
-        if isinstance(layer, MoELayer):
-            if ep_size > 1:
-                layer.apply_expert_parallel(ep_group)
-            for p in layer.experts.parameters():
-                p.allreduce = False
-                p.group_name = name
-                if zero_stage == 3:
-                    p.ds_zero_placement_family = "autoep_expert"
-                    p.ds_zero_partition_group_name = name
-                    p.ds_zero_partition_process_group = edp_group
-        else:  # DeepSpeed's native layer tags its own parameters
-            if zero_stage == 3:
-                raise ValueError("model.moe_backend=deepspeed: DeepSpeed's native MoE refuses ZeRO stage 3; "
-                                 "use moe_backend=dsmoe or a zero1/zero2 config")
-            layer.apply_expert_parallel(ep_group)
+        layer.apply_expert_parallel(ep_group)
+        for p in layer.expert_parameters():
+            p.allreduce = False
+            p.group_name = name
+            if zero_stage == 3:           # (backends that are not zero3_compatible are refused at config time)
+                p.ds_zero_placement_family = "autoep_expert"
+                p.ds_zero_partition_group_name = name
+                p.ds_zero_partition_process_group = edp_group
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -122,7 +116,7 @@ def engine_knows_dsmoe_layers(zero_stage: int):
 
     def configure(self, module):
         original(self, module)
-        ours = [m for m in module.modules() if isinstance(m, MoELayer)]
+        ours = moe_layers(module)
         if ours and not self.has_moe_layers:
             self.has_moe_layers = True
             self.num_experts = [m.cfg.num_experts for m in ours]

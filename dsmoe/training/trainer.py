@@ -6,6 +6,7 @@ scalars for logging and stopping.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -39,6 +40,43 @@ class RunSummary:
     checkpoint: str | None
     stopped_early: bool = False
     files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last metrics line."""
+
+    loss: float = 0.0
+    aux: float = 0.0
+    n: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, out) -> None:
+        self.loss += float(out.lm_loss.detach())
+        self.aux += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+        self.n += 1
+
+
+@dataclass
+class RunTotals:
+    """Per MoE layer over the run (for the end summary and expert_load.png)."""
+
+    load: torch.Tensor | None = None
+    """(MoE layers, E) computed assignments."""
+    dropped: list[float] = field(default_factory=list)
+    null: list[float] = field(default_factory=list)
+    n: int = 0
+    """Micro batches counted in ``dropped`` / ``null``."""
+    last_loss: float | None = None
+
+    def add(self, stats) -> None:
+        if not self.n:
+            self.dropped, self.null = [0.0] * len(stats), [0.0] * len(stats)
+        for i, st in enumerate(stats):
+            self.dropped[i] += float(st.dropped_tokens)
+            self.null[i] += float(st.null_fraction)
+        self.n += 1
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -75,77 +113,92 @@ class Trainer:
         self.cfg = cfg
         self.debug = debug
         self._stop = False
-        self._moe_acc: dict | None = None      # run totals per MoE layer for the end summary
 
     # ------------------------------------------------------------------ set-up
-    def _build(self):
-        import deepspeed
-        from dsmoe.data import build_data
-        from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM
+    def _build(self) -> None:
+        """Process group -> output folder -> data -> model (+ checkpoint weights) -> expert parallelism ->
+        DeepSpeed engine -> resume."""
+        self._init_process_group()
+        self._prepare_output()
+        self._load_data()
+        model = self._build_model()
+        setup_expert_parallel(model, self.ep, self.zero_stage)
+        model.to(self.dist.device)
+        self._build_engine(model)
+        self.start_step = 0
+        t = self.cfg.train
+        self.loader = self.data.train_loader(t.micro_batch_size, rank=self.dist.rank,
+                                             world_size=self.dist.world_size, seed=t.seed)
+        if self.ckpt is not None:
+            self._restore()
+        else:
+            torch.manual_seed(t.seed + 1000 * (self.dist.rank + 1))
 
-        cfg, t = self.cfg, self.cfg.train
+    def _init_process_group(self) -> None:
         self.dist: DistInfo = init_distributed()
-        rank, world = self.dist.rank, self.dist.world_size
+        world = self.dist.world_size
         if self.debug and world != 1:
             raise ConfigError(f"--debug runs one process without a launcher, but WORLD_SIZE={world}; "
                               f"drop --debug under deepspeed/torchrun")
-        validate(cfg, world)
-        self.out = Path(t.output_dir)
-        if rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-        # data: rank 0 trains/caches the tokenizer first, the others then hit the cache
-        if rank == 0:
-            self.data = build_data(cfg.data, output_dir=self.out)
-        dist.barrier()
-        if rank != 0:
-            self.data = build_data(cfg.data, output_dir=self.out)
-        tok = self.data.tokenizer
-        mkw = {"vocab_size": self.data.vocab_size, "eos_token_id": tok.eos_token_id,
-               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-               "max_position_embeddings": max(cfg.data.seq_len, cfg.model.get("max_position_embeddings", 0)),
-               **{k: v for k, v in cfg.model.items() if k != "vocab_size"}}
-        try:
-            mcfg = RoutedLMConfig(**mkw)
-        except ValueError as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+        validate(self.cfg, world)
+        self.ds_config = prepare_deepspeed_config(self.cfg)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.ep = self.cfg.parallel.expert_parallel_size
+        self.topology = {"world_size": world, "expert_parallel_size": self.ep, "zero_stage": self.zero_stage}
 
-        torch.manual_seed(t.seed)                      # identical init on every rank
+    def _prepare_output(self) -> None:
+        self.out = Path(self.cfg.train.output_dir)
+        if self.dist.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
+        self.ckpt = latest_checkpoint(self.out)
+        self.state: dict[str, Any] = read_trainer_state(self.ckpt) if self.ckpt is not None else {}
+
+    def _load_data(self) -> None:
+        """Rank 0 trains/caches the tokenizer and packs first; the other ranks then hit the cache."""
+        from dsmoe.data import build_data
+
+        if self.dist.rank == 0:
+            self.data = build_data(self.cfg.data, output_dir=self.out)
+        dist.barrier()
+        if self.dist.rank != 0:
+            self.data = build_data(self.cfg.data, output_dir=self.out)
+
+    def _build_model(self):
+        """The model, identically initialised on every rank; on resume with the checkpoint's (unsharded)
+        weights, so any expert-parallel size continues from any other."""
+        from dsmoe.models import RoutedLMForCausalLM
+
+        t = self.cfg.train
+        mcfg = self._model_config()
+        torch.manual_seed(t.seed)
         model = RoutedLMForCausalLM(mcfg)
         if self.debug:                                 # per-layer routing statistics to the dsmoe.debug logger
             model.set_debug(True, every=t.log_every)
-
-        self.ds_config = prepare_deepspeed_config(cfg)
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.ep = cfg.parallel.expert_parallel_size
-        self.topology = {"world_size": world, "expert_parallel_size": self.ep, "zero_stage": self.zero_stage}
-
-        # resume: weights are loaded unsharded, so any expert-parallel size can continue from any other
-        self.ckpt = latest_checkpoint(self.out)
-        self.state: dict[str, Any] = {}
         if self.ckpt is not None:
-            self.state = read_trainer_state(self.ckpt)
             self._check_compatible(mcfg)
-            sd = load_hf_state(self.ckpt / "model")
-            missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing, unexpected = model.load_state_dict(load_hf_state(self.ckpt / "model"), strict=False)
             missing = [k for k in missing if not k.endswith("load_accum") and k != "lm_head.weight"]
             if missing or unexpected:
                 raise CheckpointError(f"{self.ckpt / 'model'}: weights do not fit the model (missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}); the model config changed since the checkpoint")
             if mcfg.tie_word_embeddings:
                 model.tie_weights()
+        return model
 
-        setup_expert_parallel(model, self.ep, self.zero_stage)
-        model.to(self.dist.device)
+    def _build_engine(self, model) -> None:
+        """AdamW (or the DeepSpeed JSON's own optimizer, e.g. CPU Adam for offload) with the cosine schedule."""
+        import deepspeed
+
+        t = self.cfg.train
         groups = optimizer_param_groups(model, t.weight_decay)
-        total = t.max_steps
 
         def sched(opt):
             return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: lr_lambda(s, t.warmup_steps, total, t.min_lr_ratio))
+                opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
         with engine_knows_dsmoe_layers(self.zero_stage):
-            if "optimizer" in self.ds_config:        # e.g. CPU-offload configs name DeepSpeed's own Adam
+            if "optimizer" in self.ds_config:
                 params = self.ds_config["optimizer"].setdefault("params", {})
                 if params.get("lr", "auto") == "auto":
                     params["lr"] = t.lr
@@ -157,12 +210,19 @@ class Trainer:
                                                                  config=self.ds_config)
         self.engine, self.optimizer, self.scheduler = engine, opt, scheduler
         self.model = engine.module
-        self.start_step = 0
-        self.loader = self.data.train_loader(t.micro_batch_size, rank=rank, world_size=world, seed=t.seed)
-        if self.ckpt is not None:
-            self._restore()
-        else:
-            torch.manual_seed(t.seed + 1000 * (rank + 1))
+
+    def _model_config(self):
+        """The parsed ``model`` section with what the data decides: vocabulary, special tokens, context length."""
+        cfg, tok = self.cfg, self.data.tokenizer
+        mcfg = copy.deepcopy(cfg.model_config)
+        mcfg.vocab_size = self.data.vocab_size
+        mcfg.eos_token_id = tok.eos_token_id
+        if "pad_token_id" not in cfg.model:
+            mcfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if "eos_token_id" in cfg.model:
+            mcfg.eos_token_id = cfg.model["eos_token_id"]
+        mcfg.max_position_embeddings = max(cfg.data.seq_len, cfg.model.get("max_position_embeddings", 0))
+        return mcfg
 
     def _check_compatible(self, mcfg) -> None:
         saved = json.loads((self.ckpt / "model" / "config.json").read_text())
@@ -264,130 +324,147 @@ class Trainer:
         return mean, math.exp(min(mean, 50))
 
     def run(self) -> RunSummary:
+        """Build, then train from the start (or resumed) step to ``train.max_steps``: each step trains, logs,
+        checkpoints and checks for a stop (SIGTERM, ``train.steps_per_run``); the end saves, evaluates and
+        reports."""
         self._build()
-        cfg, t, rank = self.cfg, self.cfg.train, self.dist.rank
+        t = self.cfg.train
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        metrics = MetricsLogger(self.out, rank == 0)
-        load_total = None
-        if self.start_step >= t.max_steps and rank == 0:
-            print(f"{self.ckpt} is already at train.max_steps={t.max_steps}: evaluating it; raise train.max_steps "
-                  f"to train on, or choose a new train.output_dir", flush=True)
-        bar = None
-        if rank == 0 and t.progress and self.start_step < t.max_steps:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
-        window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-        step, loss_val, stopped = self.start_step, None, False
-        saved_step, ckpt = self.start_step, self.ckpt      # the newest checkpoint and its step
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * self.dist.world_size
-        while step < t.max_steps:
-            self._reset_routers_if_due(step)
-            usage = None
-            for _ in range(t.grad_accum_steps):
-                batch = next(self.loader)
-                out = self.engine(input_ids=batch["input_ids"].to(self.dist.device),
-                                  labels=batch["labels"].to(self.dist.device), step=step)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                window["loss"] += float(out.lm_loss.detach())
-                window["aux"] += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-                window["n"] += 1
-                if out.expert_usage:
-                    u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
-                    usage = u if usage is None else usage + u
-                    self._accumulate_moe(out.moe_stats or [])
-            self.model.update_expert_bias()
+        self.metrics = MetricsLogger(self.out, self.dist.rank == 0)
+        self.totals = RunTotals()
+        self.window = LogWindow()
+        bar = self._progress_bar()
+        step, saved_step, ckpt, stopped = self.start_step, self.start_step, self.ckpt, False
+        while step < t.max_steps and not stopped:
+            out, usage = self._train_step(step)
             step += 1
-            window["tokens"] += tokens_per_step
-            if usage is not None:
-                load_total = usage if load_total is None else load_total + usage
             if bar is not None:
                 bar.update(1)
-            if step % t.log_every == 0 or step == t.max_steps:
-                record = self._log_record(step, window, usage, out)
-                loss_val = record["loss"]
-                if t.eval_every and step % t.eval_every == 0:
-                    record["val_loss"], record["val_ppl"] = self.evaluate(t.eval_batches)
-                metrics.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            self._log_if_due(step, out, usage, bar)
             if step % t.save_every == 0 and step < t.max_steps:
                 saved_step, ckpt = step, self._save(step)
-            if self._sync_stop():
-                stopped = True
-                break
-            if t.steps_per_run and step - self.start_step >= t.steps_per_run and step < t.max_steps:
-                stopped = True
-                break
+            stopped = self._should_stop(step)
         if bar is not None:
             bar.close()
         if step != saved_step:
             ckpt = self._save(step)
-        summary = RunSummary(str(self.out), step, loss_val, None, None, str(ckpt) if ckpt else None, stopped)
-        if not stopped:
-            summary.val_loss, summary.val_perplexity = self.evaluate(t.eval_batches)
-            metrics.log({"step": step, "val_loss": summary.val_loss, "val_ppl": summary.val_perplexity})
-        metrics.close()
-        if rank == 0:
-            if t.plots and not stopped:
-                ids = self._moe_layer_ids(len(load_total) if load_total is not None else 0)
-                summary.files += [str(p) for p in write_plots(self.out, load_total, ids)]
-            summary.files += [str(self.out / "metrics.jsonl"), str(self.out / "tensorboard")]
-            (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
-            self._print_summary(summary, load_total)
+        summary = self._finish(step, ckpt, stopped)
         signal.signal(signal.SIGTERM, old_handler)
         dist.barrier()
         return summary
 
-    def _log_record(self, step, window, usage, out) -> dict[str, Any]:
-        vals = torch.tensor([window["loss"], window["aux"], window["n"]], dtype=torch.float64,
-                            device=self.dist.device)
+    def _progress_bar(self):
+        t = self.cfg.train
+        if self.dist.rank != 0:
+            return None
+        if self.start_step >= t.max_steps:
+            print(f"{self.ckpt} is already at train.max_steps={t.max_steps}: evaluating it; raise train.max_steps "
+                  f"to train on, or choose a new train.output_dir", flush=True)
+            return None
+        if not t.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _train_step(self, step: int):
+        """One optimizer step over ``grad_accum_steps`` micro batches, then the aux-loss-free bias update.
+        Returns the last micro batch's output and the step's (MoE layers, E) expert usage (None without MoE)."""
+        t = self.cfg.train
+        self._reset_routers_if_due(step)
+        usage = None
+        for _ in range(t.grad_accum_steps):
+            batch = next(self.loader)
+            out = self.engine(input_ids=batch["input_ids"].to(self.dist.device),
+                              labels=batch["labels"].to(self.dist.device), step=step)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            self.window.add(out)
+            if out.expert_usage:
+                u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
+                usage = u if usage is None else usage + u
+                self.totals.add(out.moe_stats)
+        self.model.update_expert_bias()
+        self.window.tokens += t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.dist.world_size
+        if usage is not None:
+            self.totals.load = usage if self.totals.load is None else self.totals.load + usage
+        return out, usage
+
+    def _log_if_due(self, step: int, out, usage, bar) -> None:
+        t = self.cfg.train
+        if step % t.log_every and step != t.max_steps:
+            return
+        record = self._log_record(step, usage, out)
+        self.totals.last_loss = record["loss"]
+        if t.eval_every and step % t.eval_every == 0:
+            record["val_loss"], record["val_ppl"] = self.evaluate(t.eval_batches)
+        self.metrics.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.window = LogWindow()
+
+    def _should_stop(self, step: int) -> bool:
+        """SIGTERM on any rank, or ``train.steps_per_run`` steps done in this invocation (before max_steps)."""
+        t = self.cfg.train
+        if self._sync_stop():
+            return True
+        return bool(t.steps_per_run) and step - self.start_step >= t.steps_per_run and step < t.max_steps
+
+    def _finish(self, step: int, ckpt, stopped: bool) -> RunSummary:
+        """Held-out evaluation (unless stopped early), plots, summary.json and the printed summary."""
+        t = self.cfg.train
+        summary = RunSummary(str(self.out), step, self.totals.last_loss, None, None,
+                             str(ckpt) if ckpt else None, stopped)
+        if not stopped:
+            summary.val_loss, summary.val_perplexity = self.evaluate(t.eval_batches)
+            self.metrics.log({"step": step, "val_loss": summary.val_loss, "val_ppl": summary.val_perplexity})
+        self.metrics.close()
+        if self.dist.rank == 0:
+            load = self.totals.load
+            if t.plots and not stopped:
+                ids = self._moe_layer_ids(len(load) if load is not None else 0)
+                summary.files += [str(p) for p in write_plots(self.out, load, ids)]
+            summary.files += [str(self.out / "metrics.jsonl"), str(self.out / "tensorboard")]
+            (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=1))
+            self._print_summary(summary)
+        return summary
+
+    def _log_record(self, step, usage, out) -> dict[str, Any]:
+        w = self.window
+        vals = torch.tensor([w.loss, w.aux, w.n], dtype=torch.float64, device=self.dist.device)
         dist.all_reduce(vals)
-        elapsed = time.perf_counter() - window["t0"]
+        elapsed = time.perf_counter() - w.t0
         record: dict[str, Any] = {
             "step": step, "loss": float(vals[0] / vals[2]), "aux_loss": float(vals[1] / vals[2]),
-            "lr": float(self.scheduler.get_last_lr()[0]), "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            "lr": float(self.scheduler.get_last_lr()[0]), "tokens_per_s": w.tokens / max(elapsed, 1e-9),
         }
         if usage is not None:
             share = usage / usage.sum(-1, keepdim=True).clamp_min(1)
             record["expert_load"] = [[round(float(v), 4) for v in row] for row in share]
             record["imbalance"] = [round(float(r.max() / r.mean().clamp_min(1e-9)), 3) for r in usage]
-        for key in ("dropped_tokens", "null_fraction"):
-            vals = [s.get(key) for s in (getattr(out, "moe_stats", None) or []) if s.get(key) is not None]
-            if vals:
-                record[key] = [float(v) for v in vals]
+        if out.moe_stats:
+            record["dropped_tokens"] = [float(st.dropped_tokens) for st in out.moe_stats]
+            record["null_fraction"] = [float(st.null_fraction) for st in out.moe_stats]
         return record
-
-    def _accumulate_moe(self, stats: list[dict]) -> None:
-        """Run totals per MoE layer: dropped assignments and the mean null share (for the end summary)."""
-        if self._moe_acc is None:
-            self._moe_acc = {"dropped": [0.0] * len(stats), "null": [0.0] * len(stats), "n": 0}
-        acc = self._moe_acc
-        for i, st in enumerate(stats):
-            acc["dropped"][i] += float(st.get("dropped_tokens", 0))
-            acc["null"][i] += float(st.get("null_fraction", 0.0))
-        acc["n"] += 1
 
     def _moe_layer_ids(self, n: int) -> list[int]:
         ids = list(self.model.config.moe_layers)
         return ids if len(ids) == n else list(range(n))
 
-    def _print_summary(self, s: RunSummary, load) -> None:
+    def _print_summary(self, s: RunSummary) -> None:
         why = "SIGTERM" if self._stop else "train.steps_per_run"
         lines = [f"done: {s.steps} steps" + (f" (stopped by {why}; re-run the same command to resume)"
                                              if s.stopped_early else "")]
         if s.val_loss is not None:
             lines.append(f"held-out loss {s.val_loss:.4f}  perplexity {s.val_perplexity:.2f}")
-        if load is not None:
+        tot = self.totals
+        if tot.load is not None:
             lines.append("expert load per MoE layer (share of computed assignments; null share and dropped "
                          "assignments over the run):")
-            share = load / load.sum(-1, keepdim=True).clamp_min(1)
-            acc = self._moe_acc
+            share = tot.load / tot.load.sum(-1, keepdim=True).clamp_min(1)
             for i, (lid, row) in enumerate(zip(self._moe_layer_ids(len(share)), share)):
                 extra = ""
-                if acc and acc["n"]:
-                    extra = f"  null {acc['null'][i] / acc['n']:.3f}  dropped {int(acc['dropped'][i])}"
+                if tot.n:
+                    extra = f"  null {tot.null[i] / tot.n:.3f}  dropped {int(tot.dropped[i])}"
                 lines.append(f"  layer {lid}: min {float(row.min()):.3f}  max {float(row.max()):.3f}  "
                              f"(uniform {1 / row.numel():.3f}){extra}")
         lines.append(f"checkpoint: {s.checkpoint}")

@@ -25,7 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
-from dsmoe.moe import MoEConfig, MoELayer  # noqa: E402
+from dsmoe.moe import MoEConfig  # noqa: E402
+from dsmoe.moe import build_moe_layer as MoELayer  # noqa: E402
 
 H, FFN, E = 16, 8, 4
 
