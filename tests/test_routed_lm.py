@@ -457,3 +457,26 @@ def test_evaluation_is_dropless_by_default():
     assert out.moe_stats[0]["dropped_tokens"] == 0
     # batch-independent: one sequence alone scores like inside the batch
     torch.testing.assert_close(model(x[:1]).logits, out.logits[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_uses_the_kv_cache_without_deprecation_warnings(caplog, recwarn):
+    import logging
+
+    from dsmoe.models.cache_compat import CACHE_NAME
+    model = randomise(make())
+    prompt = ids(b=2, t=5)
+    lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]) if kwargs.get("input_ids") is not None
+        else None, with_kwargs=True)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        out = model(prompt)
+        cached = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert lengths == [5, 5, 1, 1, 1], lengths             # after the prompt, one new token per step: cache used
+    assert out.get(CACHE_NAME) is not None
+    plain = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    noise = [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+    noise += [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
+    assert not noise, noise
