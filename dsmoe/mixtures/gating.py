@@ -254,7 +254,7 @@ def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_n
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, seen = total + float(loss) * len(idx), seen + len(idx)
+            total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         val = _evaluate(gate, emb[va], y[va], num_classes)
         history.append({"epoch": epoch, "train_loss": total / seen, "val_loss": val.loss,
                         "val_accuracy": val.accuracy, "val_macro_f1": val.macro_f1})
