@@ -107,3 +107,13 @@ def toy_gate_data(n_per_domain: int = 40, domains: int = 3, seed: int = 7):
     """(texts, labels) of the toy domains, domain-major."""
     texts = [t for d in range(domains) for t in domain_texts(d, n_per_domain, seed=seed)]
     return texts, [d for d in range(domains) for _ in range(n_per_domain)]
+
+
+def cli_main(script: str):
+    """The ``main(argv) -> exit code`` of ``launch/<script>.py``, imported from its file (run in-process)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "launch" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"launch_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

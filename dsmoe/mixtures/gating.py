@@ -212,22 +212,30 @@ class GatingResult:
     history: list[dict]
 
 
-def split_indices(n: int, cfg: GatingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A seeded shuffle of range(n) cut into train / val / test by the config's fractions."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    n_train = int(round(cfg.train_split * n))
-    n_val = int(round(cfg.val_split * n))
-    if n_train == 0 or n_val == 0:
-        raise ValueError(f"{n} texts are too few for train_split={cfg.train_split}, val_split={cfg.val_split}; "
-                         f"give more texts per domain")
-    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+def split_indices(labels: torch.Tensor, cfg: GatingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stratified split: each class's indices, shuffled with the seed, cut into train / val / test by the
+    config's fractions (so every split sees every domain in proportion)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_train = int(round(cfg.train_split * len(idx)))
+        n_val = int(round(cfg.val_split * len(idx)))
+        if n_train == 0 or n_val == 0:
+            raise ValueError(f"class {c} has {len(idx)} texts, too few for train_split={cfg.train_split}, "
+                             f"val_split={cfg.val_split}; give more texts per domain")
+        for part, chunk in zip(parts, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
+            part.append(chunk)
+    return tuple(torch.cat(p) for p in parts)
 
 
 def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_names: list[str] | None = None,
                  encoder: FrozenEncoder | None = None) -> GatingResult:
     """Embed ``texts`` once with the frozen encoder, train the gate, write the gate folder (see module doc).
 
-    ``labels[i]`` in [0, N) is the domain (= the merged model) of ``texts[i]``; ``class_names`` name them."""
+    ``labels[i]`` in [0, N) is the domain (= the merged model) of ``texts[i]``; ``class_names`` name them.
+    The kept epoch has the best validation macro-F1 (ties: the lowest validation loss)."""
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     num_classes = max(labels) + 1 if labels else 0
@@ -239,13 +247,13 @@ def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_n
     encoder = encoder or FrozenEncoder(cfg.base_model, max_length=cfg.max_length)
     emb = encoder.embed(texts, cfg.embed_batch_size)                        # computed once, reused every epoch
     y = torch.tensor(labels, dtype=torch.long)
-    tr, va, te = split_indices(len(texts), cfg)
+    tr, va, te = split_indices(y, cfg)
 
     torch.manual_seed(cfg.seed)
     gate = GatingMLP(emb.shape[1], num_classes, cfg.hidden_dims, cfg.dropout)
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(cfg.seed + 1)
-    history, best_f1, best_epoch, best_state = [], -1.0, 0, None
+    history, best_key, best_epoch, best_state = [], None, 0, None
     for epoch in range(1, cfg.num_epochs + 1):
         gate.train()
         total, seen = 0.0, 0
@@ -258,8 +266,9 @@ def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_n
         val = _evaluate(gate, emb[va], y[va], num_classes)
         history.append({"epoch": epoch, "train_loss": total / seen, "val_loss": val.loss,
                         "val_accuracy": val.accuracy, "val_macro_f1": val.macro_f1})
-        if val.macro_f1 > best_f1:
-            best_f1, best_epoch = val.macro_f1, epoch
+        key = (val.macro_f1, -val.loss)            # best macro-F1; among equals, the lowest validation loss
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, epoch
             best_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
     final_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
     gate.load_state_dict(best_state)
