@@ -24,7 +24,7 @@ from transformers.generation import GenerationMixin
 
 from dsmoe.models.cache_compat import cache_kwargs, model_output, output_cache, pick_cache
 
-from .configuration_ffn_merge import FFNMergeConfig
+from .configuration_ffn_merge import ROUTING_MODES, FFNMergeConfig
 from .gating import FrozenEncoder, GatingMLP, load_gate
 from .merge_checks import decoder_layers, ffn_key_pattern, shared_trunk
 
@@ -154,6 +154,19 @@ class FFNMergeForCausalLM(FFNMergePreTrainedModel, GenerationMixin):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
 
+    def set_routing_mode(self, routing_mode: str) -> None:
+        """Switch between "weighted_sum" and "select_one" (e.g. to evaluate both on one loaded merge)."""
+        if routing_mode not in ROUTING_MODES:
+            raise ValueError(f"routing_mode={routing_mode!r}: choose one of {ROUTING_MODES}")
+        self.config.routing_mode = routing_mode
+        for layer in decoder_layers(self.trunk):
+            getattr(layer, self.config.ffn_name).routing_mode = routing_mode
+
+    def set_gating_encoder(self, path: str | os.PathLike) -> None:
+        """Read prompts with the encoder at ``path`` instead of the one the gate was trained on (same width)."""
+        self.config.gating_encoder = str(path)
+        self._encoder = None
+
     # ------------------------------------------------------------------ gate
     @property
     def num_models(self) -> int:
@@ -164,7 +177,11 @@ class FFNMergeForCausalLM(FFNMergePreTrainedModel, GenerationMixin):
         if self._encoder is None:
             if self.config.gating_encoder is None:
                 raise ValueError("this merge has no gate; pass gating_probs (B, N) to forward / generate")
-            self._encoder = FrozenEncoder(self.config.gating_encoder, max_length=self.config.encoder_max_length)
+            encoder = FrozenEncoder(self.config.gating_encoder, max_length=self.config.encoder_max_length)
+            if self.gate is not None and encoder.dim != self.gate.input_dim:
+                raise ValueError(f"base_model={self.config.gating_encoder!r}: its embeddings are {encoder.dim} wide "
+                                 f"but the gate reads {self.gate.input_dim}; use the encoder the gate was trained on")
+            self._encoder = encoder
         return self._encoder
 
     @torch.no_grad()
