@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import atomic_write
 
 BEST_FILE = "best_model.safetensors"
 FINAL_FILE = "final_model.safetensors"
@@ -280,9 +281,9 @@ def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_n
             "test": dataclasses.asdict(test)}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / BEST_FILE, lambda p: save_file(best_state, str(p)))
-    _atomic(out / FINAL_FILE, lambda p: save_file(final_state, str(p)))
-    _atomic(out / INFO_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=1)))
+    atomic_write(out / BEST_FILE, lambda p: save_file(best_state, str(p)))
+    atomic_write(out / FINAL_FILE, lambda p: save_file(final_state, str(p)))
+    atomic_write(out / INFO_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=1)))
     return GatingResult(out, gate.eval(), best_epoch, test, history)
 
 
@@ -290,18 +291,6 @@ def train_gating(texts: list[str], labels: list[int], cfg: GatingConfig, class_n
 def _evaluate(gate: GatingMLP, emb: torch.Tensor, y: torch.Tensor, num_classes: int) -> ClassificationMetrics:
     gate.eval()
     return classification_metrics(gate(emb), y, num_classes)
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- loading
