@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -117,3 +119,33 @@ def cli_main(script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+@dataclass
+class MergeWorld:
+    """Everything the merge tests share, built once per test session."""
+
+    root: Path
+    tok: PreTrainedTokenizerFast
+    base: Path              # the random Llama the experts were fine-tuned from
+    experts: list[Path]     # 3 FFN-only fine-tunes, one per toy domain
+    encoder: Path           # the gates' frozen encoder
+    gate2: Path             # a gate over toy domains 0, 1
+    gate3: Path             # a gate over toy domains 0, 1, 2
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> MergeWorld:
+    from dsmoe.mixtures import GatingConfig, train_gating
+    root = tmp_path_factory.mktemp("merge_world")
+    tok, base, experts = build_experts(root, n=3)
+    encoder = save_encoder(root / "encoder", tok)
+    gates = {}
+    for n in (2, 3):
+        texts, labels = toy_gate_data(n_per_domain=40, domains=n)
+        cfg = GatingConfig(base_model=str(encoder), output_dir=str(root / f"gate{n}"), hidden_dims=[16],
+                           learning_rate=1e-2, num_epochs=15, batch_size=8, dropout=0.0, train_split=0.6,
+                           val_split=0.2, test_split=0.2)
+        train_gating(texts, labels, cfg, class_names=["fruit", "cars", "music"][:n])
+        gates[n] = root / f"gate{n}"
+    return MergeWorld(root, tok, base, experts, encoder, gates[2], gates[3])

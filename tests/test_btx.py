@@ -15,14 +15,12 @@ from transformers import AutoModelForCausalLM
 import dsmoe  # noqa: F401
 from dsmoe.mixtures import GatingConfig, btx_merge, train_gating
 from launch_utils import REPO_ROOT, launch_env
-from merge_utils import build_experts, cli_main, domain_texts, perturbed_copy, toy_gate_data
+from merge_utils import cli_main, domain_texts, perturbed_copy, toy_gate_data, world  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("btx")
-    tok, base, folders = build_experts(root, n=2)
-    return tok, base, folders, root
+def experts(world):
+    return world.tok, world.base, world.experts[:2], world.root
 
 
 def _load(folder):

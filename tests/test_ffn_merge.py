@@ -11,15 +11,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import dsmoe  # noqa: F401  (registers the Auto classes)
-from dsmoe.mixtures import FFNMergeForCausalLM, GatingConfig, train_gating
-from merge_utils import build_experts, domain_texts, llama_config, perturbed_copy, save_encoder, toy_gate_data
+from dsmoe.mixtures import FFNMergeForCausalLM
+from merge_utils import domain_texts, llama_config, perturbed_copy, world  # noqa: F401  (world: fixture)
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ffn_merge")
-    tok, base, folders = build_experts(root, n=3)
-    return tok, base, folders, root
+def experts(world):
+    return world.tok, world.base, world.experts, world.root
 
 
 def _load(folder) -> LlamaForCausalLM:
@@ -90,14 +88,8 @@ def test_select_one_takes_each_rows_most_probable_model(experts):
 
 
 @pytest.fixture(scope="module")
-def gate_dir(experts):
-    tok, _, _, root = experts
-    texts, labels = toy_gate_data()
-    cfg = GatingConfig(base_model=str(save_encoder(root / "encoder", tok)), output_dir=str(root / "gate"),
-                       hidden_dims=[16], learning_rate=1e-2, num_epochs=20, batch_size=8, dropout=0.0,
-                       train_split=0.6, val_split=0.2, test_split=0.2)
-    train_gating(texts, labels, cfg, class_names=["fruit", "cars", "music"])
-    return root / "gate"
+def gate_dir(world):
+    return world.gate3
 
 
 def test_save_load_round_trip_with_gate(experts, gate_dir, tmp_path):
@@ -108,7 +100,7 @@ def test_save_load_round_trip_with_gate(experts, gate_dir, tmp_path):
     assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg["model_type"] == "dsmoe_ffn_merge" and cfg["num_models"] == 3
-    assert cfg["gating_encoder"] == str(experts[3] / "encoder")
+    assert cfg["gating_encoder"] == str(experts[3] / "encoder")  # referenced, not copied
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert isinstance(loaded, FFNMergeForCausalLM) and loaded.tokenizer is not None
     enc = _ids(tok, [domain_texts(0, 1, seed=9)[0], domain_texts(2, 1, seed=9)[0]])

@@ -10,8 +10,9 @@ import torch
 
 import dsmoe  # noqa: F401
 from dsmoe.compat import MoEInference, MoEModel
-from dsmoe.mixtures import FFNMergeForCausalLM, GatingConfig, train_gating
-from merge_utils import build_experts, cli_main, domain_texts, save_encoder, toy_gate_data
+from dsmoe.mixtures import FFNMergeForCausalLM
+from merge_utils import cli_main, domain_texts, world  # noqa: F401  (world: fixture)
+
 
 # The original README's Python API example, with its imports changed to dsmoe.compat and its paths to fixtures.
 SEED_EXAMPLE = '''
@@ -55,23 +56,17 @@ print(probs)
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compat")
-    tok, base, folders = build_experts(root, n=2)
-    texts, labels = toy_gate_data(n_per_domain=30, domains=2)
-    cfg = GatingConfig(base_model=str(save_encoder(root / "encoder", tok)), output_dir=str(root / "gate"),
-                       hidden_dims=[16], learning_rate=1e-2, num_epochs=15, batch_size=8, dropout=0.0,
-                       train_split=0.6, val_split=0.2, test_split=0.2)
-    train_gating(texts, labels, cfg)
-    FFNMergeForCausalLM.from_components(folders, gating=root / "gate").save_pretrained(root / "moe-merged")
-    return root, folders
+def merged(world):
+    folders = world.experts[:2]
+    FFNMergeForCausalLM.from_components(folders, gating=world.gate2).save_pretrained(world.root / "moe-merged")
+    return world.root, folders
 
 
 def test_the_original_python_api_example_runs_through_compat(merged, capsys):
     root, folders = merged
     code = (SEED_EXAMPLE.replace("models/moe-merged", str(root / "moe-merged"))
             .replace("path/to/model1", str(folders[0])).replace("path/to/model2", str(folders[1]))
-            .replace("path/to/gating_network", str(root / "gate")))
+            .replace("path/to/gating_network", str(root / "gate2")))
     torch.manual_seed(0)
     exec(compile(textwrap.dedent(code), "seed_example", "exec"), {})
     out = capsys.readouterr().out.splitlines()
@@ -84,7 +79,7 @@ def test_the_original_python_api_example_runs_through_compat(merged, capsys):
 def test_compat_names_are_dsmoes_own_classes_and_keys(merged):
     root, folders = merged
     assert MoEModel is FFNMergeForCausalLM
-    inf = MoEInference(model_paths=folders, gating_model_path=root / "gate")
+    inf = MoEInference(model_paths=folders, gating_model_path=root / "gate2")
     probs = inf.get_gating_probs(domain_texts(1, 1, seed=40)[0])
     assert list(probs) == ["model1_prob", "model2_prob"] and probs["model2_prob"] > 0.5
     want = inf.model.gating_probs_for([domain_texts(1, 1, seed=40)[0]])[0]
@@ -106,7 +101,7 @@ def test_moe_inference_cli(merged, capsys):
     saved_out = capsys.readouterr().out.splitlines()
     assert saved_out[-2].startswith("model1_prob: ") and saved_out[-1].startswith("model2_prob: ")
     assert main(["--model1_path", str(folders[0]), "--model2_path", str(folders[1]), "--gating_model_path",
-                 str(root / "gate"), "--prompt", prompt, "--no_sample", "--max_new_tokens", "4"]) == 0
+                 str(root / "gate2"), "--prompt", prompt, "--no_sample", "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.splitlines() == saved_out       # components == the saved merge
 
 
@@ -119,7 +114,7 @@ def test_moe_inference_cli(merged, capsys):
 ])
 def test_moe_inference_cli_errors_are_one_line(merged, capsys, args, message):
     root, folders = merged
-    fill = {"expert": str(folders[0]), "merged": str(root / "moe-merged"), "gate": str(root / "gate")}
+    fill = {"expert": str(folders[0]), "merged": str(root / "moe-merged"), "gate": str(root / "gate2")}
     assert cli_main("moe_inference")([a.format(**fill) for a in args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsmoe: error:")]
     assert len(err) == 1 and message in err[0], err

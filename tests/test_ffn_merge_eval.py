@@ -7,19 +7,13 @@ import json
 import pytest
 
 import dsmoe  # noqa: F401
-from dsmoe.mixtures import GatingConfig, btx_merge, train_gating
-from merge_utils import build_experts, cli_main, domain_texts, save_encoder, toy_gate_data
+from dsmoe.mixtures import btx_merge
+from merge_utils import cli_main, domain_texts, world  # noqa: F401  (world: fixture)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_merge")
-    tok, base, folders = build_experts(root, n=2)
-    texts, labels = toy_gate_data(n_per_domain=30, domains=2)
-    cfg = GatingConfig(base_model=str(save_encoder(root / "encoder", tok)), output_dir=str(root / "gate"),
-                       hidden_dims=[16], learning_rate=1e-2, num_epochs=15, batch_size=8, dropout=0.0,
-                       train_split=0.6, val_split=0.2, test_split=0.2)
-    train_gating(texts, labels, cfg)
+def setup(world):
+    root, folders = world.root, world.experts[:2]
     btx_merge(folders, top_k=1).save_pretrained(root / "btx")
     specs = []
     for d in range(2):
@@ -32,7 +26,7 @@ def setup(tmp_path_factory):
 def test_eval_merge_table(setup, capsys):
     root, folders, specs = setup
     out = root / "report"
-    rc = cli_main("eval_merge")(["--experts", *map(str, folders), "--gating", str(root / "gate"),
+    rc = cli_main("eval_merge")(["--experts", *map(str, folders), "--gating", str(root / "gate2"),
                                  "--domains", *specs, "--btx", str(root / "btx"), "--out", str(out)])
     assert rc == 0, capsys.readouterr().err[-2000:]
     res = json.loads((out / "merge_eval.json").read_text())
@@ -55,9 +49,9 @@ def test_eval_merge_table(setup, capsys):
 def test_eval_merge_errors(setup, capsys):
     root, folders, specs = setup
     main = cli_main("eval_merge")
-    assert main(["--experts", *map(str, folders), "--domains", specs[0], "--out", str(root / "x")]) == 2
+    assert main(["--experts", *map(str, folders), "--domains", specs[0], "--out", str(root / "eval_x")]) == 2
     assert main(["--experts", str(folders[0]), str(root / "nowhere"), "--domains", *specs,
-                 "--out", str(root / "x")]) == 2
+                 "--out", str(root / "eval_x")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dsmoe: error:")]
     assert len(err) == 2 and "1 sources for 2 experts" in err[0] and "nowhere: not an HF model folder" in err[1]
-    assert not (root / "x").exists()
+    assert not (root / "eval_x").exists()

@@ -5,33 +5,29 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dsmoe.mixtures.gating import FrozenEncoder, GatingConfig, load_gate, train_gating
-from launch_utils import REPO_ROOT, launch_env
-from merge_utils import cli_main, domain_texts, make_tokenizer, save_encoder, toy_gate_data
+from merge_utils import cli_main, domain_texts, toy_gate_data, world  # noqa: F401  (world: fixture)
 
 
 @pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gate")
-    return save_encoder(root / "encoder", make_tokenizer(root / "tok"))
+def encoder_dir(world):
+    return world.encoder
 
 
 def _cfg(encoder_dir, out, **kw):
     base = dict(base_model=str(encoder_dir), output_dir=str(out), hidden_dims=[16], learning_rate=1e-2,
-                num_epochs=12, batch_size=8, dropout=0.0, train_split=0.6, val_split=0.2, test_split=0.2,
+                num_epochs=15, batch_size=8, dropout=0.0, train_split=0.6, val_split=0.2, test_split=0.2,
                 embed_batch_size=16)
     return GatingConfig(**{**base, **kw})
 
 
 def test_gate_learns_a_separable_task_and_writes_its_files(encoder_dir, tmp_path):
-    texts, labels = toy_gate_data()
+    texts, labels = toy_gate_data(n_per_domain=40)
     encoder = FrozenEncoder(encoder_dir)
     calls = []
     encoder.model.register_forward_hook(lambda m, i, o: calls.append(1))
@@ -76,19 +72,18 @@ def test_train_gating_cli_on_text_folders(encoder_dir, tmp_path, capsys):
     for d in range(2):
         folder = tmp_path / f"domain{d}"
         folder.mkdir()
-        for i, text in enumerate(domain_texts(d, 30, seed=4)):
+        for i, text in enumerate(domain_texts(d, 20, seed=4)):
             (folder / f"{i:03d}.txt").write_text(text)
         specs.append(str(folder))
     conf = tmp_path / "gate.json"
     conf.write_text(json.dumps({"hidden_dims": "16", "learning_rate": 1e-2, "num_epochs": 10, "dropout": 0.0}))
-    proc = subprocess.run([sys.executable, "launch/train_gating.py", "--base_model", str(encoder_dir),
-                           "--output_dir", str(tmp_path / "gate"), "--domains", *specs, "--config", str(conf),
-                           "--batch_size", "8"], cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]     # the real script, in its own process
+    rc = cli_main("train_gating")(["--base_model", str(encoder_dir), "--output_dir", str(tmp_path / "gate"),
+                                   "--domains", *specs, "--config", str(conf), "--batch_size", "8"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert "test accuracy" in capsys.readouterr().out
     info = json.loads((tmp_path / "gate" / "training_info.json").read_text())
     assert info["class_names"] == ["domain0", "domain1"] and info["config"]["batch_size"] == 8
-    assert info["config"]["hidden_dims"] == [16] and info["num_texts"] == 60
+    assert info["config"]["hidden_dims"] == [16] and info["num_texts"] == 40
     capsys.readouterr()
     rc = cli_main("train_gating")(["--base_model", str(encoder_dir), "--output_dir", str(tmp_path / "g2"),
                                    "--domains", "bbc:weather", specs[0]])
