@@ -136,16 +136,22 @@ class MergeWorld:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> MergeWorld:
+    """Built once per session (and xdist worker) in its base temp folder; the test modules that import this
+    fixture each get their own copy of the fixture, so the build is keyed on a marker file, not on the fixture."""
     from dsmoe.mixtures import GatingConfig, train_gating
-    root = tmp_path_factory.mktemp("merge_world")
-    tok, base, experts = build_experts(root, n=3)
-    encoder = save_encoder(root / "encoder", tok)
-    gates = {}
-    for n in (2, 3):
-        texts, labels = toy_gate_data(n_per_domain=40, domains=n)
-        cfg = GatingConfig(base_model=str(encoder), output_dir=str(root / f"gate{n}"), hidden_dims=[16],
-                           learning_rate=1e-2, num_epochs=15, batch_size=8, dropout=0.0, train_split=0.6,
-                           val_split=0.2, test_split=0.2)
-        train_gating(texts, labels, cfg, class_names=["fruit", "cars", "music"][:n])
-        gates[n] = root / f"gate{n}"
-    return MergeWorld(root, tok, base, experts, encoder, gates[2], gates[3])
+    root = tmp_path_factory.getbasetemp() / "merge_world"
+    done = root / "complete"
+    experts = [root / f"expert{d}" for d in range(3)]
+    if not done.exists():
+        root.mkdir(exist_ok=True)
+        tok, _, experts = build_experts(root, n=3)
+        encoder = save_encoder(root / "encoder", tok)
+        for n in (2, 3):
+            texts, labels = toy_gate_data(n_per_domain=40, domains=n)
+            cfg = GatingConfig(base_model=str(encoder), output_dir=str(root / f"gate{n}"), hidden_dims=[16],
+                               learning_rate=1e-2, num_epochs=15, batch_size=8, dropout=0.0, train_split=0.6,
+                               val_split=0.2, test_split=0.2)
+            train_gating(texts, labels, cfg, class_names=["fruit", "cars", "music"][:n])
+        done.write_text("ok")
+    tok = PreTrainedTokenizerFast.from_pretrained(root / "tok")
+    return MergeWorld(root, tok, root / "base", experts, root / "encoder", root / "gate2", root / "gate3")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import dsmoe  # noqa: F401
 from dsmoe.mixtures import GatingConfig, btx_merge, train_gating
-from launch_utils import REPO_ROOT, launch_env
+from launch_utils import launch_env
 from merge_utils import cli_main, domain_texts, perturbed_copy, toy_gate_data, world  # noqa: F401
 
 

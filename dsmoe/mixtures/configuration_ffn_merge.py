@@ -13,7 +13,6 @@ class FFNMergeConfig(PreTrainedConfig):
     """
 
     model_type = "dsmoe_ffn_merge"
-    sub_configs = {}
 
     trunk_config: dict | None = None
     """The config (``to_dict()``) of the merged models' architecture, e.g. a Llama config; attention, embeddings

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -289,7 +290,6 @@ def _maybe_tokenizer(folder):
 
 
 def _check_merge_folder(folder: Path) -> None:
-    import json
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise ValueError(f"{folder}: not a saved FFN merge (no config.json); save one with "
