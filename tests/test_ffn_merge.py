@@ -43,10 +43,12 @@ def test_one_hot_gate_gives_each_models_logits(experts, mode):
     for i, folder in enumerate(folders):
         p = torch.zeros(2, 3)
         p[:, i] = 1
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         with torch.no_grad():
-            out = merge(**enc, gating_probs=p)
-            ref = _load(folder)(**enc).logits
-        torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)
+            out = merge(**enc, labels=labels, gating_probs=p)
+            ref = _load(folder)(**enc, labels=labels)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
         torch.testing.assert_close(out.gating_probs, p)
     with torch.no_grad():      # the models really differ, so the check above is not vacuous
         assert (_load(folders[0])(**enc).logits - _load(folders[1])(**enc).logits).abs().max() > 1e-2

@@ -10,8 +10,8 @@ expert); attention, embeddings and norms are the models' mean (or the first mode
   prompts of its domain, per layer, unit-normalised (mergekit-moe's ``hidden`` mode, positive prompts only);
 * ``"random"``: normal(0, initializer_range).
 
-The result is an ordinary :class:`dsmoe.models.RoutedLMForCausalLM`: fine-tune it like any RoutedLM and export
-it to Mixtral with ``to_hf()`` (no shared expert) or ``launch/export.py ... --to mixtral``.
+The result is an ordinary :class:`dsmoe.models.RoutedLMForCausalLM` (fine-tune it like any RoutedLM) and exports
+to Mixtral with ``to_hf()`` (without a shared expert) or ``launch/export.py ... --to mixtral``.
 """
 from __future__ import annotations
 
