@@ -194,3 +194,18 @@ def test_tied_embeddings_merge_and_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, gating_probs=torch.tensor([0.0, 1.0])).logits, other(x).logits,
                                    rtol=0, atol=1e-5)
+
+
+def test_merge_of_another_llama_style_family_is_exact():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    qwen = Qwen2ForCausalLM(cfg).eval()
+    other = perturbed_copy(qwen, seed=5, scale=0.2)
+    merge = FFNMergeForCausalLM.from_components([qwen, other], routing_mode="select_one")
+    x = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        got = merge(x, gating_probs=torch.tensor([[0.4, 0.6], [0.9, 0.1]])).logits
+        torch.testing.assert_close(got[0], other(x).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1], qwen(x).logits[1], rtol=0, atol=1e-5)
