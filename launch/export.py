@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Export a dsmoe checkpoint as a Hugging Face folder.
 
-  python launch/export.py CHECKPOINT_DIR OUT_DIR
+  python launch/export.py CHECKPOINT_DIR OUT_DIR [--to mixtral|qwen3_moe]
 
 CHECKPOINT_DIR: a run's output_dir (its latest checkpoint), a checkpoints/step_N folder, or an HF folder.
-The result loads with ``import dsmoe; AutoModelForCausalLM.from_pretrained(OUT_DIR)``.
+The result loads with ``import dsmoe; AutoModelForCausalLM.from_pretrained(OUT_DIR)``; with --to it is a
+transformers Mixtral / Qwen3-MoE folder that loads without dsmoe.
 """
 import argparse
 import sys
@@ -18,11 +19,17 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy the run's tokenizer")
+    p.add_argument("--to", choices=("mixtral", "qwen3_moe"), default=None,
+                   help="write a transformers Mixtral / Qwen3-MoE checkpoint (loads without dsmoe)")
     a = p.parse_args(argv)
     from dsmoe.training.checkpoint import CheckpointError
     from dsmoe.training.export import export_hf
     try:
-        out = export_hf(a.checkpoint, a.out_dir, tokenizer=not a.no_tokenizer)
+        if a.to is None:
+            out = export_hf(a.checkpoint, a.out_dir, tokenizer=not a.no_tokenizer)
+        else:
+            from dsmoe.mixtures.moe_export import export_as
+            out = export_as(a.checkpoint, a.out_dir, a.to, tokenizer=not a.no_tokenizer)
     except CheckpointError as e:
         print(f"dsmoe: error: {e}", file=sys.stderr)
         return 2

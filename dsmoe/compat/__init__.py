@@ -1,10 +1,13 @@
-"""Thin aliases with the names the original codes of dsmoe's model families use, over dsmoe's own classes.
+"""Thin aliases with the names of the code dsmoe's model families come from, over dsmoe's own classes.
 
 Code written for those models runs on dsmoe with only its import lines changed; an option dsmoe does not
 implement is refused with an error that says so.
 
 - ``MoEModelConfig``, ``TransformerForCausalLM``: the DeepSeek-style routed MoE transformer (RoutedLM).
+- ``MoEModel``, ``MoEInference``: the FFN merge under a prompt gate (:class:`dsmoe.mixtures.FFNMergeForCausalLM`)
+  with the original API's names and result keys.
 """
+from .merge import MoEInference, MoEModel
 from .moe_transformer import MoEModelConfig, TransformerForCausalLM
 
-__all__ = ["MoEModelConfig", "TransformerForCausalLM"]
+__all__ = ["MoEModelConfig", "TransformerForCausalLM", "MoEModel", "MoEInference"]
