@@ -2,3 +2,4 @@
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers model_type "dsmoe_routed_lm" with transformers' Auto classes)
+from . import mixtures  # noqa: E402,F401  (registers model_type "dsmoe_expert_mixture" with the Auto classes)
