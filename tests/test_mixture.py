@@ -142,6 +142,7 @@ def test_save_load_round_trip_identical_logits(mixture, tmp_path):
     mixture.save_pretrained(tmp_path / "mix")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mix")
     assert type(loaded) is ExpertMixtureForCausalLM
+    assert not any(p.requires_grad for e in loaded.experts for p in e.parameters())
     assert loaded.config.slices == [list(s) for s in SLICES] and loaded.config.top_k_experts == 2
     x = ids()
     for mode in ("equal", "router", "argmax", "oracle"):

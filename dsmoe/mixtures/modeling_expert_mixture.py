@@ -16,8 +16,8 @@ Time-causal masking: with a query ``date`` an expert trained on text after that 
 
 Experts are frozen by default (``requires_grad=False``) and then run under ``torch.no_grad()``; only the router
 trains. Which experts this process runs is decided by its :mod:`.placement` (all of them by default); the model
-asks the placement to gather per-expert target log-probs and to reduce full-vocabulary mixtures, and holds no
-process-group code itself.
+asks the placement to gather the experts' outputs (target log-probs, or full-vocabulary log-probs / logits
+where a full mixture is asked for) and holds no process-group code itself.
 """
 from __future__ import annotations
 
@@ -151,6 +151,14 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
                 if isinstance(lin, nn.Linear):
                     nn.init.normal_(lin.weight, std=0.02)
                     nn.init.zeros_(lin.bias)
+
+    def train(self, mode: bool = True):
+        """Train mode for the router; frozen experts stay in eval mode (no dropout: they are fixed functions)."""
+        super().train(mode)
+        if self._experts_frozen():
+            for e in self.experts:
+                e.eval()
+        return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if not self.placement.holds_all:
@@ -317,7 +325,12 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
             aux = self.aux_losses(router_logits, log_w, self.read_mask(input_ids, step_mask, prompt_mask))
         out["aux_loss"] = aux
 
-        log_p_local = torch.log_softmax(logits_local, -1) if combine == "logprob" else None
+        full_needed = return_logits or labels is None or combine == "logits"
+        if combine == "logprob":
+            log_p_local = torch.log_softmax(logits_local, -1)
+            every = self.placement.gather(log_p_local) if full_needed else None          # (N, B, T', V)
+        else:
+            every = self.placement.gather(logits_local)
         if labels is not None:
             targets = labels[:, 1:]
             scored = targets != -100
@@ -331,18 +344,17 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
                 tl = self.placement.gather(tl_local.squeeze(-1))                          # (N, B, T-1)
                 token_lp = C.mix_log_probs(log_w[:, :-1], tl)
             else:
-                mixed = self.placement.sum(C.mix_logits(log_w[:, :-1][..., local], logits_local[:, :, :-1]))
-                token_lp = torch.log_softmax(mixed, -1).gather(-1, idx[..., None]).squeeze(-1)
+                mixed = torch.log_softmax(C.mix_logits(log_w[:, :-1], every[:, :, :-1]), -1)
+                token_lp = mixed.gather(-1, idx[..., None]).squeeze(-1)
             token_lp = token_lp.masked_fill(~scored, 0.0)
             nll = -token_lp.sum() / scored.sum().clamp_min(1)
             out.update(token_log_probs=token_lp, token_mask=scored, nll=nll, loss=nll + aux)
         if return_logits or labels is None:
-            lw = log_w[:, -logits_local.shape[2]:][..., local]
+            lw = log_w[:, -every.shape[2]:]
             if combine == "logprob":
-                full = self.placement.logsumexp(C.mix_log_probs(lw, log_p_local))
+                out["logits"] = C.mix_log_probs(lw, every)
             else:
-                full = torch.log_softmax(self.placement.sum(C.mix_logits(lw, logits_local)), -1)
-            out["logits"] = full
+                out["logits"] = torch.log_softmax(C.mix_logits(lw, every), -1)
         if use_cache:
             out.update(cache_kwargs(MixtureCache(expert_caches, state, seen + t)))
         return ExpertMixtureOutput(**out)
@@ -378,6 +390,8 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
+        for e in model.experts:          # loading hands back trainable parameters: the experts stay frozen
+            e.requires_grad_(False)
         folder = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
         if (folder / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer

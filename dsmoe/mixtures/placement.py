@@ -1,16 +1,17 @@
 """Where the experts of a mixture run: all on this process, or spread over the ranks of a process group.
 
-With a group of P ranks, rank r holds experts [r * N/P, (r+1) * N/P) and runs them on the whole batch (the
-router is replicated). What crosses ranks is small:
+With a group of P ranks, rank r holds experts [r * N/P, (r+1) * N/P) and runs them on the whole batch; the
+router is replicated. The only thing that crosses ranks is the experts' outputs, all-gathered into expert order
+and then mixed identically on every rank:
 
-* scoring and training (``combine="logprob"``): the per-token target log-probs of the local experts,
-  [N_local, B, T], are all-gathered into [N, B, T] and mixed identically on every rank;
-* a full-vocabulary mixture (generation asks for the last position only, [B, 1, V]): a log-sum-exp across
-  ranks of each rank's partial mixture (``combine="logprob"``), or a sum of the weighted logits
-  (``combine="logits"``, which is not a mixture of distributions and so needs the full vocabulary reduced).
+* scoring and training with ``combine="logprob"``: the per-token target log-probs, [N_local, B, T] -> [N, B, T];
+* a full-vocabulary mixture: the experts' log-probs (or logits for ``combine="logits"``, which is not a mixture
+  of distributions and so needs every expert's full vocabulary) at the positions asked for; generation asks for
+  the last position only, [N_local, B, 1, V].
 
-The collectives are differentiable (``torch.distributed.nn``), so a replicated router trains with the same
-gradient on every rank. This is the only file of the mixtures package that talks to ``torch.distributed``.
+The experts are frozen, so what is gathered is a constant and the replicated router gets the same gradient on
+every rank with no gradient communication. This is the only file of the mixtures package that talks to
+``torch.distributed``.
 """
 from __future__ import annotations
 
@@ -30,14 +31,6 @@ class LocalPlacement:
         """[N_local, ...] -> [N, ...] in expert order."""
         return x_local
 
-    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
-        """log(sum over ranks of exp(x))."""
-        return x
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks."""
-        return x
-
 
 class GroupPlacement(LocalPlacement):
     """Experts split into equal contiguous blocks over the ranks of ``group``."""
@@ -55,16 +48,12 @@ class GroupPlacement(LocalPlacement):
         self.holds_all = size == 1
 
     def gather(self, x_local: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-        return torch.cat(all_gather(x_local.contiguous(), group=self.group), dim=0)
-
-    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-        return torch.logsumexp(torch.stack(all_gather(x.contiguous(), group=self.group)), dim=0)
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-        return all_reduce(x.contiguous(), group=self.group)
+        if x_local.requires_grad:
+            raise ValueError("expert placement runs frozen experts only (their outputs are gathered as constants); "
+                             "call expert.requires_grad_(False) or train the experts without placement")
+        parts = [torch.empty_like(x_local) for _ in range(self.size)]
+        dist.all_gather(parts, x_local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=0)
 
 
 def apply_expert_placement(model, group=None):
