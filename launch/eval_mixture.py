@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where to write mixture_eval.json/png (default: MIXTURE_DIR)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in MIXTURE_DIR)")
     p.add_argument("overrides", nargs="*", help="data.key=value (e.g. data.max_documents=40)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     import yaml
     data = {}
     for o in a.overrides:
@@ -45,8 +45,12 @@ def main(argv=None) -> int:
                     "ExpertMixtureForCausalLM.save_pretrained")
     if a.batch_size < 1 or (a.seq_len is not None and a.seq_len < 2):
         return fail("--batch-size must be >= 1 and --seq-len >= 2")
+    import datasets
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+    datasets.disable_progress_bars()            # stderr carries only errors
+    transformers.utils.logging.disable_progress_bar()
     import dsmoe  # noqa: F401  (registers the mixture with the Auto classes)
     from dsmoe.data import DataConfig
     from dsmoe.data.tokenizer import load_tokenizer_folder
