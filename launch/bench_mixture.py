@@ -96,7 +96,8 @@ def main(argv=None) -> int:
            "final_loss": round(res.losses[-1], 4), "other_cpu_load": None if share is None else round(share, 3)}
     print(out["machine"])
     print(f"gate training, {a.experts} x {shape} ({dtype_name}, {a.combine}), batch {batch} x {seq}: "
-          f"{out['tokens_per_s']} tokens/s, peak memory {out['peak_memory_gib']} GiB ({out['peak_memory_kind']})")
+          f"{out['tokens_per_s']} tokens/s, peak memory {out['peak_memory_gib']} GiB ({out['peak_memory_kind']})"
+          + ("" if share is None else f"; other processes used {100 * share:.0f}% of the CPUs meanwhile"))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

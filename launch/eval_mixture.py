@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     if not (folder / "config.json").is_file():
         return fail(f"MIXTURE_DIR={a.mixture!r}: no saved mixture there (no config.json); give a folder written by "
                     "ExpertMixtureForCausalLM.save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        return fail(f"MIXTURE_DIR={a.mixture!r} has a config.json but no weights (model*.safetensors); the folder is "
+                    "incomplete: save the mixture again with save_pretrained (the experts' weights live in it)")
     if a.batch_size < 1 or (a.seq_len is not None and a.seq_len < 2):
         return fail("--batch-size must be >= 1 and --seq-len >= 2")
     import datasets

@@ -56,7 +56,7 @@ def tiny_gpt2(vocab: int) -> GPT2Config:
                       eos_token_id=0)
 
 
-def test_seed_usage_example_runs(tokenizer_dir, capsys):
+def test_seed_usage_example_runs(tokenizer_dir, capsys, tmp_path):
     from transformers import AutoTokenizer
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     scope = {"TOKENIZER_DIR": tokenizer_dir, "EXPERT_CONFIGS": [tiny_gpt2(vocab) for _ in range(6)]}
@@ -72,6 +72,9 @@ def test_seed_usage_example_runs(tokenizer_dir, capsys):
     model.tokenizer = scope["tokenizer"]
     text = model.generate_from_string("The pandemic started in", max_new_tokens=5, date=2020)
     assert text.startswith("The pandemic started in") and len(text) > len("The pandemic started in")
+    model.save_pretrained(tmp_path / "timoe")                     # the tokenizer travels with the folder
+    reloaded = scope["TiMoE"].from_pretrained(tmp_path / "timoe")
+    assert reloaded.generate_from_string("The pandemic started in", max_new_tokens=5, date=2020) == text
 
 
 def test_unsupported_seed_options_are_refused(tokenizer_dir):

@@ -80,7 +80,10 @@ def test_eval_mixture_writes_one_table_on_the_same_tokens(saved_mixture, capsys)
 
 def test_eval_mixture_bad_input_is_one_line_exit_2(saved_mixture, tmp_path, capsys):
     main = launch_main("eval_mixture")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_bytes((saved_mixture / "mix" / "config.json").read_bytes())
     cases = [
+        ([str(tmp_path / "no_weights")], "no weights"),
         ([str(tmp_path / "missing")], "MIXTURE_DIR="),
         ([str(saved_mixture / "experts" / "expert0")], "not an expert mixture"),
         ([str(saved_mixture / "mix"), "data.year_max=1899", *CUT[:2]], "slice [1900, 1949] has no training"),

@@ -115,8 +115,8 @@ class ExpertMixtureConfig(PreTrainedConfig):
             raise bad("combine", f"must be one of {COMBINES}")
         if self.date_policy not in DATE_POLICIES:
             raise bad("date_policy", f"must be one of {DATE_POLICIES}")
-        if self.top_k_experts is not None and (not isinstance(self.top_k_experts, int) or isinstance(self.top_k_experts, bool)
-                                       or not 1 <= self.top_k_experts <= n):
+        k = self.top_k_experts
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n):
             raise bad("top_k_experts", f"must be an integer in [1, {n}] (the expert count) or None")
         for name in ("router_embed_dim",):
             v = getattr(self, name)

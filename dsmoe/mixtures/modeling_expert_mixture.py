@@ -125,7 +125,8 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         first = models[0].config
         config = ExpertMixtureConfig(
             expert_configs=[m.config.to_dict() for m in models], expert_names=names, slices=slices,
-            expert_sources=sources, vocab_size=vocabs[0], combine=combine, date_policy=date_policy, top_k_experts=top_k,
+            expert_sources=sources, vocab_size=vocabs[0], combine=combine, date_policy=date_policy,
+            top_k_experts=top_k,
             use_router=router not in (None, False), router_embed_dim=router_opts.get("embed_dim", 64),
             router_hidden_size=router_opts.get("hidden_size", 0),
             **{"pad_token_id": getattr(first, "pad_token_id", None), "bos_token_id": getattr(first, "bos_token_id", None),
@@ -161,10 +162,15 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Config (with every expert's config) + all weights (experts and router) in safetensors, and
+        ``model.tokenizer`` when set."""
         if not self.placement.holds_all:
             raise ValueError("save_pretrained: this process holds only some experts (expert placement); save the "
                              "mixture from a process that holds all of them, before placing it")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.tokenizer is not None:          # the shared tokenizer travels with the mixture
+            self.tokenizer.save_pretrained(save_directory)
+        return result
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
