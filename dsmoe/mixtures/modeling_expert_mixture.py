@@ -85,8 +85,9 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         if experts is None:
             experts = [AutoModelForCausalLM.from_config(build_expert_config(c)) for c in config.expert_configs]
         self.experts = nn.ModuleList(experts)
-        for e in self.experts:
+        for e in self.experts:          # frozen, deterministic functions (no dropout) until someone unfreezes them
             e.requires_grad_(False)
+            e.eval()
         self.router = PrefixRouter(config.vocab_size, config.num_experts, config.router_embed_dim,
                                    config.router_hidden_size) if config.use_router else None
         self.placement = LocalPlacement(config.num_experts)
