@@ -165,8 +165,7 @@ def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: 
         gold = torch.tensor([docs[w[0]].slice for w in chunk], device=device)
         scored = mask[:, 1:].bool() & ~prompt[:, 1:]
         targets = ids[:, 1:]
-        logits, _ = model.expert_logits(ids, mask)                             # (N, B, T, V)
-        logits = logits[:, :, :-1]
+        logits = model.expert_outputs(ids, mask).full[:, :, :-1]               # (N, B, T-1, V)
         logp = torch.log_softmax(logits, -1)
         tl = logp.gather(-1, targets[None, ..., None].expand(n, -1, -1, 1)).squeeze(-1)   # (N, B, T-1)
         per_row: dict[str, torch.Tensor] = {f"expert:{x}": tl[k] for k, x in enumerate(names)}

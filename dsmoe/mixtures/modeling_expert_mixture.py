@@ -58,6 +58,16 @@ ExpertMixtureOutput.combined_log_probs = property(lambda self: self.logits,
 
 
 @dataclass
+class ExpertOutputs:
+    """What this process's experts produced: ``full`` [N_local, B, T', V] (logits or log-probs, or None),
+    ``target_log_probs`` [N_local, B, T-1] (or None) and each expert's new KV cache (a list of N)."""
+
+    full: torch.Tensor | None
+    target_log_probs: torch.Tensor | None
+    caches: list
+
+
+@dataclass
 class MixtureCache:
     """What generation carries between steps: each expert's own KV cache (None for an expert not run) and the
     router's running prefix statistics."""
@@ -263,18 +273,24 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
     def _experts_frozen(self) -> bool:
         return not any(p.requires_grad for e in self.experts for p in e.parameters())
 
-    def expert_logits(self, input_ids, attention_mask=None, run: torch.Tensor | None = None, caches=None,
-                      use_cache: bool = False, logits_to_keep: int = 0):
-        """Logits [N_local, B, T', V] (float32) of this process's experts, zeros for an expert not in ``run``
-        ([N] bool), and their new caches (a list of N, None where not run or not local)."""
+    def expert_outputs(self, input_ids, attention_mask=None, run: torch.Tensor | None = None, caches=None,
+                       use_cache: bool = False, logits_to_keep: int = 0, targets: torch.Tensor | None = None,
+                       keep: str | None = "logits") -> ExpertOutputs:
+        """Run this process's experts (those in ``run`` [N] bool; all by default) one after another.
+
+        ``targets`` [B, T-1]: also return each expert's log-prob of them; ``keep``: "logits" or "log_probs" to
+        return the full-vocabulary outputs (float32), None to drop each expert's [B, T, V] output as soon as its
+        target log-probs are taken (what gate training over large experts needs). An expert not run gives
+        zeros."""
         b, t = input_ids.shape
-        out, new_caches = [], [None] * self.num_experts
+        t_out = logits_to_keep if logits_to_keep else t
+        full, tl, new_caches = [], [], [None] * self.num_experts
         grad = contextlib.nullcontext() if not self._experts_frozen() else torch.no_grad()
-        zeros = None
         with grad:
             for k in self.placement.local_experts:
                 if run is not None and not bool(run[k]):
-                    out.append(None)
+                    full.append(None)
+                    tl.append(None)
                     continue
                 kw: dict[str, Any] = {"use_cache": use_cache}
                 if use_cache:
@@ -282,14 +298,21 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
                 if logits_to_keep:
                     kw["logits_to_keep"] = logits_to_keep
                 res = self.experts[k](input_ids=input_ids, attention_mask=attention_mask, **kw)
-                out.append(res.logits.float())
+                logits = res.logits.float()
                 new_caches[k] = output_cache(res) if use_cache else None
-        shape = next((x.shape for x in out if x is not None), None)
-        if shape is None:       # this process runs none of the chosen experts
-            t_out = logits_to_keep if logits_to_keep else t
-            shape = (b, t_out, self.config.vocab_size)
-        zeros = torch.zeros(shape, device=input_ids.device)
-        return torch.stack([zeros if x is None else x for x in out]), new_caches
+                del res
+                log_p = torch.log_softmax(logits, -1) if targets is not None or keep == "log_probs" else None
+                tl.append(None if targets is None else
+                          log_p[:, :-1].gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1))
+                full.append(logits if keep == "logits" else log_p if keep == "log_probs" else None)
+                del logits, log_p
+
+        def stack(xs, shape):
+            return torch.stack([torch.zeros(shape, device=input_ids.device) if x is None else x for x in xs])
+
+        return ExpertOutputs(
+            full=stack(full, (b, t_out, self.config.vocab_size)) if keep else None,
+            target_log_probs=stack(tl, (b, t - 1)) if targets is not None else None, caches=new_caches)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -321,10 +344,12 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         log_w, router_logits, allowed, state = self.gate(
             input_ids, step_mask, date, mode, slice_labels, prompt_mask, cache.router if cache else None)
         run = allowed.any(0)
-        keep = 0 if labels is not None else logits_to_keep
-        logits_local, expert_caches = self.expert_logits(
-            input_ids, attention_mask, run, cache.experts if cache else None, use_cache, keep)
-        local = self.placement.local_experts
+        keep_positions = 0 if labels is not None else logits_to_keep
+        full_needed = return_logits or labels is None or combine == "logits"
+        targets = labels[:, 1:] if labels is not None else None
+        outs = self.expert_outputs(input_ids, attention_mask, run, cache.experts if cache else None, use_cache,
+                                   keep_positions, targets if combine == "logprob" else None,
+                                   keep=("log_probs" if combine == "logprob" else "logits") if full_needed else None)
         out: dict[str, Any] = {"expert_weights": log_w.exp(), "router_logits": router_logits}
 
         aux = log_w.new_zeros(())
@@ -332,27 +357,19 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
             aux = self.aux_losses(router_logits, log_w, self.read_mask(input_ids, step_mask, prompt_mask))
         out["aux_loss"] = aux
 
-        full_needed = return_logits or labels is None or combine == "logits"
-        if combine == "logprob":
-            log_p_local = torch.log_softmax(logits_local, -1)
-            every = self.placement.gather(log_p_local) if full_needed else None          # (N, B, T', V)
-        else:
-            every = self.placement.gather(logits_local)
+        every = self.placement.gather(outs.full) if full_needed else None                # (N, B, T', V)
         if labels is not None:
-            targets = labels[:, 1:]
             scored = targets != -100
             if step_mask is not None:
                 scored &= step_mask[:, 1:].bool()
             if prompt_mask is not None:
                 scored &= ~prompt_mask[:, 1:].bool()
-            idx = targets.clamp_min(0)
             if combine == "logprob":
-                tl_local = log_p_local[:, :, :-1].gather(-1, idx[None, ..., None].expand(len(local), -1, -1, 1))
-                tl = self.placement.gather(tl_local.squeeze(-1))                          # (N, B, T-1)
+                tl = self.placement.gather(outs.target_log_probs)                          # (N, B, T-1)
                 token_lp = C.mix_log_probs(log_w[:, :-1], tl)
             else:
                 mixed = torch.log_softmax(C.mix_logits(log_w[:, :-1], every[:, :, :-1]), -1)
-                token_lp = mixed.gather(-1, idx[..., None]).squeeze(-1)
+                token_lp = mixed.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
             token_lp = token_lp.masked_fill(~scored, 0.0)
             nll = -token_lp.sum() / scored.sum().clamp_min(1)
             out.update(token_log_probs=token_lp, token_mask=scored, nll=nll, loss=nll + aux)
@@ -363,7 +380,7 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 out["logits"] = torch.log_softmax(C.mix_logits(lw, every), -1)
         if use_cache:
-            out.update(cache_kwargs(MixtureCache(expert_caches, state, seen + t)))
+            out.update(cache_kwargs(MixtureCache(outs.caches, state, seen + t)))
         return ExpertMixtureOutput(**out)
 
     # ------------------------------------------------------------------ generation
