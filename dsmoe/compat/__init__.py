@@ -1,4 +1,4 @@
-"""The seeds' own class names as thin aliases over dsmoe's implementations (see each module)."""
+"""Compatibility names: the class names other releases use, as thin aliases over dsmoe's implementations."""
 from .timoe import TiMoE, TiMoEConfig
 
 __all__ = ["TiMoE", "TiMoEConfig"]

@@ -340,7 +340,10 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = bool(use_cache) if use_cache is not None else cache is not None
         step_mask = attention_mask[:, -t:] if attention_mask is not None else None
         if prompt_mask is not None:
-            prompt_mask = prompt_mask[:, -t:] if prompt_mask.shape[1] >= t else None
+            if prompt_mask.shape[0] != b or prompt_mask.shape[1] < t:
+                raise ValueError(f"prompt_mask: expected shape [{b}, {t}] like input_ids (True on prompt-prefix "
+                                 f"tokens), got {tuple(prompt_mask.shape)}")
+            prompt_mask = prompt_mask[:, -t:]           # generation passes the whole mask, inputs are the new tokens
         log_w, router_logits, allowed, state = self.gate(
             input_ids, step_mask, date, mode, slice_labels, prompt_mask, cache.router if cache else None)
         run = allowed.any(0)
