@@ -56,6 +56,18 @@ def test_logprob_mixture_equals_direct_logsumexp(mixture, mode):
         assert out.aux_loss > 0 and torch.equal(out.loss, out.nll + out.aux_loss)
 
 
+def test_slices_from_the_experts_own_configs(expert_dirs):
+    experts = [AutoModelForCausalLM.from_pretrained(d) for d in expert_dirs]
+    for e, (a, b) in zip(experts, SLICES):
+        e.config.dsmoe_slice = {"name": f"period {a}", "start_year": a, "end_year": b}
+    model = ExpertMixtureForCausalLM.from_experts(experts)
+    assert model.config.slices == [list(s) for s in SLICES]
+    assert model.config.expert_names == [f"period {a}" for a, _ in SLICES]
+    del experts[1].config.dsmoe_slice
+    with pytest.raises(ValueError, match=r"experts\[1\] has no dsmoe_slice"):
+        ExpertMixtureForCausalLM.from_experts(experts)
+
+
 def test_logits_combiner_is_softmax_of_weighted_logits(mixture):
     x = ids()
     out = mixture(x, mode="router", combine="logits")

@@ -106,17 +106,16 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_experts(cls, experts: list, slices: list, names: list[str] | None = None, combine: str = "logprob",
+    def from_experts(cls, experts: list, slices: list | None = None, names: list[str] | None = None, combine: str = "logprob",
                      router: bool | dict | None = None, date_policy: str = "start", top_k: int | None = None,
                      **config_kwargs) -> "ExpertMixtureForCausalLM":
         """A mixture of ``experts`` (HF folders or loaded causal LMs of one vocabulary) over ``slices``
-        ``[(start_year, end_year), ...]`` (one per expert, in time order). ``router``: None/False = no learned
+        ``[(start_year, end_year), ...]`` (one per expert, in time order; default: each expert config's
+        ``dsmoe_slice = {"name", "start_year", "end_year"}``, which also names the experts). ``router``: None/False = no learned
         router (mode "equal"), True = the default router, or a dict with ``embed_dim`` / ``hidden_size``.
         Other keyword arguments are :class:`ExpertMixtureConfig` fields."""
         if not isinstance(experts, (list, tuple)) or not experts:
             raise ValueError("experts: give a non-empty list of HF model folders or loaded causal LMs")
-        slices = [list(s) if isinstance(s, (list, tuple)) else s for s in slices]
-        check_slices(slices, len(experts), "slices")
         models, sources = [], []
         for i, e in enumerate(experts):
             if isinstance(e, (str, Path)):
@@ -125,6 +124,10 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 models.append(e)
                 sources.append(getattr(e.config, "_name_or_path", None) or None)
+        if slices is None:
+            slices, names = slices_from_configs(models, names)
+        slices = [list(s) if isinstance(s, (list, tuple)) else s for s in slices]
+        check_slices(slices, len(experts), "slices")
         vocabs = [m.get_output_embeddings().weight.shape[0] for m in models]
         if len(set(vocabs)) != 1:
             raise ValueError(f"experts have different vocabularies (output sizes {vocabs}); a mixture needs one "
@@ -424,6 +427,21 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
             from transformers import AutoTokenizer
             model.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return model
+
+
+def slices_from_configs(models: list, names: list[str] | None) -> tuple[list[list[int]], list[str] | None]:
+    """Slices (and names, unless given) from each expert config's ``dsmoe_slice`` entry."""
+    found = []
+    for i, m in enumerate(models):
+        entry = getattr(m.config, "dsmoe_slice", None)
+        if not isinstance(entry, dict) or not {"start_year", "end_year"} <= set(entry):
+            raise ValueError(f"slices: not given and experts[{i}] has no dsmoe_slice {{start_year, end_year}} in its "
+                             "config; pass slices=[(start_year, end_year), ...]")
+        found.append(entry)
+    slices = [[e["start_year"], e["end_year"]] for e in found]
+    if names is None and all(e.get("name") for e in found):
+        names = [str(e["name"]) for e in found]
+    return slices, names
 
 
 def build_expert_config(values: dict) -> PreTrainedConfig:
