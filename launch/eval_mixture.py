@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 return fail(f"--baseline {a.baseline!r}: no model folder there (no config.json)")
             baseline = AutoModelForCausalLM.from_pretrained(a.baseline, dtype=torch.float32).eval()
         cfg = DataConfig.from_dict(data)
-        docs, mean_year = held_out_documents(cfg, tok, model.config.slices, a.out or folder)
+        docs, mean_year = held_out_documents(cfg, tok, model.config.slices)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         res = evaluate_mixture(model, docs, a.seq_len or cfg.seq_len, a.batch_size, mean_year, baseline, pad or 0)
     except (ValueError, FileNotFoundError, OSError) as e:
