@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 
@@ -161,11 +162,11 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PrefixRouter):
-            nn.init.normal_(module.embed.weight, std=0.02)
+            init.normal_(module.embed.weight, std=0.02)
             for lin in module.modules():
                 if isinstance(lin, nn.Linear):
-                    nn.init.normal_(lin.weight, std=0.02)
-                    nn.init.zeros_(lin.bias)
+                    init.normal_(lin.weight, std=0.02)
+                    init.zeros_(lin.bias)
 
     def train(self, mode: bool = True):
         """Train mode for the router; frozen experts stay in eval mode (no dropout: they are fixed functions)."""
@@ -215,7 +216,10 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
     def gold_slices(self, slice_labels, date, batch_size: int, device) -> torch.Tensor:
         """[B] gold slice index from ``slice_labels`` or from each row's year (``date``)."""
         if slice_labels is not None:
-            gold = torch.as_tensor(slice_labels, dtype=torch.long, device=device).reshape(-1).expand(batch_size)
+            gold = torch.as_tensor(slice_labels, dtype=torch.long, device=device).reshape(-1)
+            if gold.numel() not in (1, batch_size):
+                raise ValueError(f"slice_labels: expected one expert index per row ({batch_size}), got {gold.numel()}")
+            gold = gold.expand(batch_size)
             if bool(((gold < 0) | (gold >= self.num_experts)).any()):
                 raise ValueError(f"slice_labels={gold.tolist()}: each must be an expert index in "
                                  f"[0, {self.num_experts})")
@@ -223,7 +227,10 @@ class ExpertMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         if date is None:
             raise ValueError("mode='oracle' needs the gold slice of each sequence: pass slice_labels=[...] (expert "
                              "indices) or date=<the document's year>")
-        years = torch.as_tensor(date, dtype=torch.long, device=device).reshape(-1).expand(batch_size)
+        years = torch.as_tensor(date, dtype=torch.long, device=device).reshape(-1)
+        if years.numel() not in (1, batch_size):
+            raise ValueError(f"date: expected an int or one date per row ({batch_size}), got {years.numel()}")
+        years = years.expand(batch_size)
         return C.slice_of_year(self.config.slices, years)
 
     def gate(self, input_ids: torch.Tensor, attention_mask=None, date=None, mode: str | None = None,
