@@ -93,7 +93,7 @@ class MixtureEvaluation:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         names = list(self.slices) + ["overall"]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(self.rows) / 3), 4))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.5))
         width = 0.8 / max(len(self.rows), 1)
         for i, r in enumerate(self.rows):
             vals = [r.ppl[n] for n in self.slices] + [r.overall]
