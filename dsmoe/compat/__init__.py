@@ -4,10 +4,12 @@ Code written for those models runs on dsmoe with only its import lines changed; 
 implement is refused with an error that says so.
 
 - ``MoEModelConfig``, ``TransformerForCausalLM``: the DeepSeek-style routed MoE transformer (RoutedLM).
+- ``TiMoEConfig``, ``TiMoE``: the time-aware mixture of GPT experts (:class:`dsmoe.mixtures.ExpertMixtureForCausalLM`).
 - ``MoEModel``, ``MoEInference``: the FFN merge under a prompt gate (:class:`dsmoe.mixtures.FFNMergeForCausalLM`)
   with the original API's names and result keys.
 """
 from .merge import MoEInference, MoEModel
 from .moe_transformer import MoEModelConfig, TransformerForCausalLM
+from .timoe import TiMoE, TiMoEConfig
 
-__all__ = ["MoEModelConfig", "TransformerForCausalLM", "MoEModel", "MoEInference"]
+__all__ = ["MoEModelConfig", "TransformerForCausalLM", "TiMoEConfig", "TiMoE", "MoEModel", "MoEInference"]

@@ -1,0 +1,210 @@
+"""The comparison table of a mixture on held-out documents of every slice.
+
+Rows: each single expert, an optional dense baseline, ``equal``, ``router`` (log-prob mixture), ``logits-soft``
+(router weights, logits combiner), ``argmax`` and ``oracle`` (the gold slice's expert). Every row is computed from
+the same expert forward passes on exactly the same scored tokens: each document is cut into windows of
+``seq_len`` tokens, the first token of a window and padding and prompt-prefix tokens are never scored, and a row's
+perplexity is exp(summed NLL / scored tokens) per slice and overall (token-weighted; one averaging for every
+row). No query date is applied (every expert is usable). The gate is also scored as a slice classifier
+(accuracy, confusion matrix) and as a year predictor (MAE beside the training-mean-year baseline), per document
+(the mean of its windows' posteriors after reading each whole window).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import combine as C
+from .gate_training import GateAccuracy, gate_accuracy, gate_posteriors
+from .year_prediction import YearPrediction, year_mae
+
+
+@dataclass
+class EvalDocument:
+    """One held-out document: its token ids, year and gold slice (expert index)."""
+
+    ids: list[int]
+    year: int
+    slice: int
+    prompt_len: int = 0
+    """Leading prompt-prefix tokens (never scored, never read by the gate)."""
+
+
+@dataclass
+class EvalRow:
+    """Perplexity of one way of predicting, per slice (by expert name) and overall."""
+
+    name: str
+    ppl: dict[str, float]
+    overall: float
+
+
+@dataclass
+class MixtureEvaluation:
+    """The table, the gate's accuracy and its year prediction."""
+
+    slices: dict[str, list[int]]
+    tokens: dict[str, int]
+    """Scored tokens per slice (the same for every row)."""
+    documents: dict[str, int]
+    rows: list[EvalRow] = field(default_factory=list)
+    gate: GateAccuracy | None = None
+    years: YearPrediction | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def row(self, name: str) -> EvalRow:
+        return next(r for r in self.rows if r.name == name)
+
+    def format_table(self) -> str:
+        names = list(self.slices)
+        head = f"{'row':<22}" + "".join(f"{n:>12}" for n in names) + f"{'overall':>12}"
+        lines = [head, f"{'scored tokens':<22}" + "".join(f"{self.tokens[n]:>12}" for n in names)
+                 + f"{sum(self.tokens.values()):>12}"]
+        for r in self.rows:
+            lines.append(f"{r.name:<22}" + "".join(f"{r.ppl[n]:>12.2f}" for n in names) + f"{r.overall:>12.2f}")
+        if self.gate is not None:
+            lines.append(f"gate accuracy {self.gate.accuracy:.3f} on {self.gate.sequences} documents; "
+                         f"confusion[gold][pred] {self.gate.confusion}")
+        if self.years is not None:
+            y = self.years
+            lines.append(f"year MAE: gate expected {y.mae_expected:.1f}, gate argmax {y.mae_argmax:.1f}, "
+                         f"training-mean baseline ({y.baseline_year:.0f}) {y.mae_baseline:.1f} years")
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``mixture_eval.json`` and ``mixture_eval.png`` into ``out_dir`` (atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        js = out / "mixture_eval.json"
+        _atomic_write(js, lambda p: Path(p).write_text(json.dumps(self.to_dict(), indent=1)))
+        png = out / "mixture_eval.png"
+        _atomic_write(png, self._plot)
+        return js, png
+
+    def _plot(self, path: str) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        names = list(self.slices) + ["overall"]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.5))
+        width = 0.8 / max(len(self.rows), 1)
+        for i, r in enumerate(self.rows):
+            vals = [r.ppl[n] for n in self.slices] + [r.overall]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=r.name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+        ax.set_ylabel("perplexity (held-out, token-weighted)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+        plt.close(fig)
+
+
+def _atomic_write(path: Path, fill) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def windows(docs: list[EvalDocument], seq_len: int) -> list[tuple[int, list[int], int]]:
+    """(document index, ids, prompt tokens in this window) of every window of ``seq_len`` tokens."""
+    out = []
+    for d, doc in enumerate(docs):
+        for start in range(0, max(len(doc.ids) - 1, 1), seq_len):
+            piece = doc.ids[start:start + seq_len]
+            if len(piece) >= 2:
+                out.append((d, piece, max(0, min(doc.prompt_len - start, len(piece)))))
+    return out
+
+
+@torch.no_grad()
+def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: int = 8,
+                     train_mean_year: float | None = None, baseline=None, pad_id: int = 0) -> MixtureEvaluation:
+    """The comparison table of ``model`` (an :class:`ExpertMixtureForCausalLM`) on ``docs``; ``baseline``: an
+    optional dense causal LM of the same vocabulary (its row is called "dense")."""
+    cfg = model.config
+    names, n = cfg.expert_names, cfg.num_experts
+    present = {d.slice for d in docs}
+    missing = [names[k] for k in range(n) if k not in present]
+    if missing:
+        raise ValueError(f"slice(s) {missing} have no held-out documents; widen the data (data.max_documents, "
+                         "data.val_fraction) or drop those slices")
+    model.eval()
+    has_router = model.router is not None
+    rows = [f"expert:{x}" for x in names] + (["dense"] if baseline is not None else []) + ["equal"]
+    rows += ["router", "logits-soft", "argmax"] if has_router else []
+    rows += ["oracle"]
+    nll = {r: torch.zeros(n, dtype=torch.float64) for r in rows}
+    tokens = torch.zeros(n, dtype=torch.long)
+    post_sum = torch.zeros(len(docs), n, dtype=torch.float64)
+    post_cnt = torch.zeros(len(docs))
+    wins = windows(docs, seq_len)
+    device = model.device
+    for s in range(0, len(wins), batch_size):
+        chunk = wins[s:s + batch_size]
+        t = max(len(w[1]) for w in chunk)
+        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), t, dtype=torch.long)
+        prompt = torch.zeros(len(chunk), t, dtype=torch.bool)
+        for i, (_, piece, p) in enumerate(chunk):
+            ids[i, :len(piece)] = torch.tensor(piece)
+            mask[i, :len(piece)] = 1
+            prompt[i, :p] = True
+        ids, mask, prompt = ids.to(device), mask.to(device), prompt.to(device)
+        gold = torch.tensor([docs[w[0]].slice for w in chunk], device=device)
+        scored = mask[:, 1:].bool() & ~prompt[:, 1:]
+        targets = ids[:, 1:]
+        logits = model.expert_outputs(ids, mask).full[:, :, :-1]               # (N, B, T-1, V)
+        logp = torch.log_softmax(logits, -1)
+        tl = logp.gather(-1, targets[None, ..., None].expand(n, -1, -1, 1)).squeeze(-1)   # (N, B, T-1)
+        per_row: dict[str, torch.Tensor] = {f"expert:{x}": tl[k] for k, x in enumerate(names)}
+        if baseline is not None:
+            bl = torch.log_softmax(baseline(input_ids=ids, attention_mask=mask).logits.float()[:, :-1], -1)
+            per_row["dense"] = bl.gather(-1, targets[..., None]).squeeze(-1)
+        everyone = torch.ones(len(chunk), n, dtype=torch.bool, device=device)
+        per_row["equal"] = C.mix_log_probs(C.equal_log_weights(everyone, t - 1), tl)
+        if has_router:
+            lw, _, _, _ = model.gate(ids, mask, None, "router", prompt_mask=prompt)
+            per_row["router"] = C.mix_log_probs(lw[:, :-1], tl)
+            soft = torch.log_softmax(C.mix_logits(lw[:, :-1], logits), -1)
+            per_row["logits-soft"] = soft.gather(-1, targets[..., None]).squeeze(-1)
+            am, _, _, _ = model.gate(ids, mask, None, "argmax", prompt_mask=prompt)
+            per_row["argmax"] = C.mix_log_probs(am[:, :-1], tl)
+            post = gate_posteriors(model, ids, mask, prompt).double().cpu()
+            for i, (d, _, _) in enumerate(chunk):
+                post_sum[d] += post[i]
+                post_cnt[d] += 1
+        per_row["oracle"] = C.mix_log_probs(C.one_hot_log_weights(gold, n, t - 1), tl)
+        w = scored.double()
+        for r in rows:
+            contrib = -(per_row[r].double() * w).sum(-1).cpu()                  # (B,)
+            nll[r].index_add_(0, gold.cpu(), contrib)
+        tokens.index_add_(0, gold.cpu(), scored.sum(-1).cpu())
+    result = MixtureEvaluation(
+        slices={x: list(cfg.slices[k]) for k, x in enumerate(names)},
+        tokens={x: int(tokens[k]) for k, x in enumerate(names)},
+        documents={x: sum(d.slice == k for d in docs) for k, x in enumerate(names)})
+    total = int(tokens.sum())
+    for r in rows:
+        result.rows.append(EvalRow(r, {x: C.nll_to_ppl(float(nll[r][k]), int(tokens[k])) for k, x in enumerate(names)},
+                                   C.nll_to_ppl(float(nll[r].sum()), total)))
+    if has_router:
+        seen = post_cnt > 0
+        posteriors = post_sum[seen] / post_cnt[seen, None]
+        gold_docs = torch.tensor([d.slice for d in docs])[seen]
+        result.gate = gate_accuracy(posteriors, gold_docs, n)
+        if train_mean_year is not None:
+            years = torch.tensor([d.year for d in docs])[seen]
+            result.years = year_mae(posteriors, years, cfg.slices, train_mean_year)
+    return result
