@@ -55,7 +55,7 @@ class MoEEncoderConfig(PreTrainedConfig):
     ff_dim: int | None = None
     """Inner width of the feed-forward block (and of each expert). Default: 4 * embedding_dim."""
     dropout: float = 0.1
-    """Dropout on embeddings, attention probabilities and block outputs (training only)."""
+    """Dropout on the embeddings and on the output of every attention and feed-forward block (training only)."""
     positional_encoding: str = "sinusoidal"
     """"sinusoidal" (fixed sine/cosine, no parameters), "learned" (a trainable table) or "none"."""
     max_seq_length: int = 512

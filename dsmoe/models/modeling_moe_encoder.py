@@ -86,21 +86,21 @@ POSITIONAL_ENCODING_CLASSES = {"sinusoidal": SinusoidalPositionalEncoding, "lear
 
 
 class MoEEncoderAttention(nn.Module):
-    """Bidirectional multi-head self-attention through ``F.scaled_dot_product_attention``."""
+    """Bidirectional multi-head self-attention through ``F.scaled_dot_product_attention`` (its fused CPU/GPU
+    kernels; dropout is applied to the block's output by the layer, not to the attention probabilities)."""
 
     def __init__(self, config: MoEEncoderConfig):
         super().__init__()
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim)
         self.out_proj = nn.Linear(config.embedding_dim, config.embedding_dim)
-        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, H); key_mask (B, T) bool, True = may be attended to (None = all)."""
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]          # (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, h))
 
 
