@@ -55,15 +55,23 @@ def latest_round(output_dir: str | Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def load_round(folder: Path, fingerprint: str) -> dict[str, torch.Tensor]:
-    """The global weights of a round checkpoint; refuses one written by a run with another configuration."""
+def check_resumable(folder: Path, fingerprint: str) -> None:
+    """Refuse a round checkpoint written by a run with another configuration (one line naming the fix)."""
     try:
         state = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "model.safetensors"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: unreadable checkpoint ({e}); delete that folder to resume from the "
+        raise CheckpointError(f"{folder / 'state.json'}: unreadable ({e}); delete {folder} to resume from the "
                               "round before") from None
     if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{folder.parent.parent}: holds a run with another model/data/federation "
-                              "configuration; use a new train.output_dir or the same config to resume")
-    return weights
+        raise CheckpointError(f"train.output_dir={folder.parent.parent}: holds a run with another model/data/"
+                              "federation/train configuration; use a new train.output_dir or the same config")
+
+
+def load_round(folder: Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The global weights of a round checkpoint (after :func:`check_resumable`)."""
+    check_resumable(folder, fingerprint)
+    try:
+        return load_file(str(folder / "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({e}); delete {folder} to resume from "
+                              "the round before") from None

@@ -71,8 +71,8 @@ def train_local(model: MoEEncoderForSequenceClassification, x: torch.Tensor, mas
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             steps += 1
-            loss_sum += float(out.task_loss)
-            aux_sum += float(out.auxiliary_loss)
+            loss_sum += float(out.task_loss.detach())
+            aux_sum += float(out.auxiliary_loss.detach())
             for t, u in zip(tokens, out.expert_usage):
                 t += u.cpu()
     return LocalTrainResult(num_examples=n, steps=steps, loss=loss_sum / max(steps, 1),

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from dsmoe.training.metrics import read_metrics
 
+from .checkpoint import check_resumable, latest_round
 from .client import build_client_app
 from .config import FederatedRunConfig
 from .server import build_server_app
-from .task import partitions, prepare_data
+from .task import fingerprint, partitions, prepare_data
 
 log = logging.getLogger("dsmoe.federated")
 
@@ -30,6 +31,9 @@ def run_federated_simulation(cfg: FederatedRunConfig, client_mods: Sequence = ()
 
     data = prepare_data(cfg)            # encode once here, so the clients read the cache
     partitions(cfg, data)               # an impossible split fails here with one line, not inside Ray
+    latest = latest_round(cfg.train.output_dir)
+    if latest is not None:              # so does a resume with another config
+        check_resumable(latest[1], fingerprint(cfg))
     fed = cfg.federation
     num_cpus = fed.num_cpus or os.cpu_count() or 1
     backend_config = {

@@ -66,6 +66,7 @@ class MoEFedStrategy(FedAvg):
                         "model is kept unchanged", self.absolute_round(server_round), len(valid), self.min_fit_clients)
             rec["aggregated"] = False
             return None, None
+        valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))    # a fixed summation order
         metrics = [m.content["metrics"] for m in valid]
         pids = [int(m["partition-id"]) for m in metrics]
         for msg, pid in zip(valid, pids):
