@@ -201,7 +201,7 @@ def test_seed_snippet_federated_client_loop_trains():
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(64, 6, 8, generator=g)
     ys = (xs[:, :, 0].mean(1) > 0).long()          # a learnable rule
-    local_dataloader = [{"input": xs[i:i + 16], "labels": ys[i:i + 16]} for i in range(0, 64, 16)] * 6
+    local_dataloader = [{"input": xs[i:i + 16], "labels": ys[i:i + 16]} for i in range(0, 64, 16)] * 10
     criterion = torch.nn.CrossEntropyLoss()
     torch.manual_seed(0)
     losses = []
