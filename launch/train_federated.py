@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train the centralised baseline (union of the clients' data) instead")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.num_rounds=10 data.alpha=0.3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="[dsmoe] %(message)s")
     logging.getLogger("dsmoe").setLevel(logging.INFO)

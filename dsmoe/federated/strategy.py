@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -35,7 +35,8 @@ class MoEFedStrategy(FedAvg):
                  proximal_mu: float = 0.0, round_offset: int = 0):
         super().__init__(fraction_train=fraction_fit, fraction_evaluate=1.0, min_train_nodes=min_fit_clients,
                          min_evaluate_nodes=min_fit_clients, min_available_nodes=num_clients,
-                         weighted_by_key="num-examples", arrayrecord_key="arrays", configrecord_key="config")
+                         weighted_by_key="num-examples", arrayrecord_key="arrays", configrecord_key="config",
+                         evaluate_metrics_aggr_fn=_weighted_mean_metrics)
         self.aggregation = aggregation
         self.min_fit_clients = min_fit_clients
         self.proximal_mu = proximal_mu
@@ -106,3 +107,11 @@ class MoEFedStrategy(FedAvg):
                         self.absolute_round(server_round), "?" if pid is None else pid, node, phase, reason)
             self.round_record.setdefault("failed_clients", []).append(
                 {"node": node, "partition": pid, "phase": phase, "reason": reason})
+
+
+def _weighted_mean_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of the clients' float metrics (ids and counts are not averaged)."""
+    records = [next(iter(c.metric_records.values())) for c in contents]
+    total = sum(float(r[weight_key]) for r in records) or 1.0
+    keys = [k for k in records[0].keys() if k not in (weight_key, "partition-id") and not k.startswith(TOKENS_PREFIX)]
+    return MetricRecord({k: sum(float(r[weight_key]) * float(r[k]) for r in records) / total for k in keys})
