@@ -217,3 +217,26 @@ def test_resume_after_round_2_reproduces_round_3(full_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="another"):               # a different run config is refused
         run_federated_simulation(_cfg(tmp, "resumed", "federation.num_rounds=4", "train.lr=0.1"))
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_bbc_token_inputs_split_and_cache(tmp_path):
+    from dsmoe.federated.config import FederatedDataConfig
+    from dsmoe.federated.data import load_classification_data
+
+    cfg = FederatedDataConfig(inputs="tokens", tokenizer="bpe", vocab_size=512, max_length=24,
+                              max_docs_per_class=8, test_fraction=0.25)
+    d = load_classification_data(cfg, seed=0, cache_root=tmp_path)
+    assert d.label_names == sorted(d.label_names) and d.num_classes == 5
+    assert d.train_x.dtype == torch.int32 and d.train_x.shape[1] == 24 and d.input_dim is None
+    assert len(d.train_y) + len(d.test_y) == 40 and len(d.test_y) > 0
+    assert int(d.train_x.max()) < d.vocab_size and d.train_mask.any(1).all()
+    assert torch.bincount(torch.cat([d.train_y, d.test_y]), minlength=5).tolist() == [8] * 5
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    again = load_classification_data(cfg, seed=0, cache_root=tmp_path)              # from the cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == folders
+    assert torch.equal(again.train_x, d.train_x) and torch.equal(again.test_y, d.test_y)
+    other = load_classification_data(FederatedDataConfig(inputs="tokens", vocab_size=512, max_length=24,
+                                                         max_docs_per_class=8, test_fraction=0.25),
+                                     seed=1, cache_root=tmp_path)
+    assert not torch.equal(other.test_x, d.test_x)                                    # the seed moves the split

@@ -41,6 +41,7 @@ def run_federated_simulation(cfg: FederatedRunConfig, client_mods: Sequence = ()
         "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False, "log_to_driver": verbose,
                       "logging_level": logging.INFO if verbose else logging.ERROR},
     }
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")     # CPU clients: leave device vars alone
     errors: list[BaseException] = []
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
