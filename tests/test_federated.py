@@ -239,4 +239,4 @@ def test_bbc_token_inputs_split_and_cache(tmp_path):
     other = load_classification_data(FederatedDataConfig(inputs="tokens", vocab_size=512, max_length=24,
                                                          max_docs_per_class=8, test_fraction=0.25),
                                      seed=1, cache_root=tmp_path)
-    assert not torch.equal(other.test_x, d.test_x)                                    # the seed moves the split
+    assert not torch.equal(other.test_x, d.test_x)                                    # train.seed moves the split

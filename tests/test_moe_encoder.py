@@ -114,10 +114,10 @@ def test_bad_config_names_the_field(kw, field):
     assert msg.startswith(f"MoEEncoderConfig.{field}=") and "\n" not in msg
 
 
-# ---------------------------------------------------------------------------------------------- the seed's usage
+# ---------------------------------------------------------------------------------------------- the original usage
 # Every snippet of the original model documentation, with only its import lines changed.
 
-def test_seed_snippet_pure_transformer():
+def test_original_snippet_pure_transformer():
     from dsmoe.compat import load_config, TransformerMoE
 
     config = load_config(overrides={
@@ -140,7 +140,7 @@ def test_seed_snippet_pure_transformer():
     assert config["transformer"]["positional_encoding"] == "sinusoidal" and config["moe"]["num_experts"] == 4
 
 
-def test_seed_snippet_full_moe():
+def test_original_snippet_full_moe():
     from dsmoe.compat import load_config, TransformerMoE
 
     input_tensor = torch.randn(2, 5, 768)
@@ -171,7 +171,7 @@ def test_seed_snippet_full_moe():
     assert len(output["expert_usage"]) == 8 and model.layers[0].ffn.moe.cfg.router_temperature == 0.5
 
 
-def test_seed_snippet_selective_moe():
+def test_original_snippet_selective_moe():
     from dsmoe.compat import load_config, TransformerMoE
 
     config = load_config(overrides={
@@ -191,7 +191,7 @@ def test_seed_snippet_selective_moe():
     assert len(model(torch.randn(1, 3, 768))["expert_usage"]) == 3
 
 
-def test_seed_snippet_federated_client_loop_trains():
+def test_original_snippet_federated_client_loop_trains():
     from dsmoe.compat import load_config, TransformerMoE
 
     config = load_config(overrides={"data": {"input_dim": 8, "num_classes": 2},
