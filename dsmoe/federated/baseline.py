@@ -28,7 +28,7 @@ def run_centralised(cfg: FederatedRunConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.jsonl"
     path.unlink(missing_ok=True)
-    torch.set_num_threads(max(1, cfg.federation.num_cpus or torch.get_num_threads()))
+    torch.set_num_threads(cfg.train.threads_per_client)        # as one client (oversubscribed OpenMP crawls)
     data = prepare_data(cfg)
     union = sorted(i for part in partitions(cfg, data) for i in part)
     x, mask, y = data.train_subset(union)
