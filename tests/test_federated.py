@@ -240,3 +240,16 @@ def test_bbc_token_inputs_split_and_cache(tmp_path):
                                                          max_docs_per_class=8, test_fraction=0.25),
                                      seed=1, cache_root=tmp_path)
     assert not torch.equal(other.test_x, d.test_x)                                    # train.seed moves the split
+
+
+def test_centralised_baseline_trains_on_the_union_of_the_clients(full_run):
+    from dsmoe.federated import run_centralised
+    from dsmoe.federated.task import partitions, prepare_data
+
+    tmp, _ = full_run
+    cfg = _cfg(tmp, "central", "federation.num_rounds=2")
+    rows = run_centralised(cfg)
+    n_train = sum(len(p) for p in partitions(cfg, prepare_data(cfg)))
+    assert [r["round"] for r in rows] == [1, 2] and rows == _rows(tmp / "central" / "centralised")
+    assert all(r["steps"] == -(-n_train // cfg.train.batch_size) * cfg.federation.local_epochs for r in rows)
+    assert rows[1]["test_accuracy"] > 0.5 and rows[1]["train_loss"] < rows[0]["train_loss"]
