@@ -66,6 +66,6 @@ def write_plots(output_dir: Path) -> list[Path]:
             ax.set_yticks(range(len(ids)), ids)
         fig.colorbar(im, ax=axes[0].tolist(), label="share of the client's tokens")
         written.append(output_dir / "expert_usage.png")
-        fig.savefig(written[-1], dpi=100)
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     return written
