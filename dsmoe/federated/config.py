@@ -10,10 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from dsmoe.models.configuration_moe_encoder import MoEEncoderConfig
-from dsmoe.training.config import ConfigError, _build_section, _parse_scalar, _set_dotted, resolve_path
+from dsmoe.training.config import ConfigError, build_section, read_config_tree
 
 INPUTS = ("tokens", "minilm")
 PARTITIONS = ("iid", "dirichlet")
@@ -177,9 +176,9 @@ class FederatedRunConfig:
         if not isinstance(model, dict):
             raise ConfigError(f"model={model!r}: expected a mapping of MoEEncoderConfig keys")
         cfg = cls(model=dict(model),
-                  data=_build_section("data", FederatedDataConfig, tree.get("data") or {}),
-                  federation=_build_section("federation", FederationConfig, tree.get("federation") or {}),
-                  train=_build_section("train", FederatedTrainConfig, tree.get("train") or {}))
+                  data=build_section("data", FederatedDataConfig, tree.get("data") or {}),
+                  federation=build_section("federation", FederationConfig, tree.get("federation") or {}),
+                  train=build_section("train", FederatedTrainConfig, tree.get("train") or {}))
         cfg.encoder_config(input_dim=384, vocab_size=cfg.data.vocab_size, num_classes=5)   # checks model.*
         return cfg
 
@@ -205,18 +204,5 @@ class FederatedRunConfig:
 def load_federated_config(path: str | os.PathLike | None = None,
                           overrides: list[str] | None = None) -> FederatedRunConfig:
     """Read a YAML run config (or the defaults) and apply ``section.key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = resolve_path(str(path), "--config")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping with sections model, data, federation, train")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides look like section.key=value")
-        k, v = item.split("=", 1)
-        _set_dotted(tree, k.strip(), _parse_scalar(v))
+    tree = read_config_tree(path, overrides, "model, data, federation, train")
     return FederatedRunConfig.from_dict(tree)

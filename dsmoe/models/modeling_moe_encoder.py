@@ -21,11 +21,10 @@ from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
 
 from dsmoe.moe import MoELayerBase, build_moe_layer
-from dsmoe.moe.experts import GroupedExperts
-from dsmoe.moe.router import Router
 
 from .cache_compat import model_output
 from .configuration_moe_encoder import MoEEncoderConfig
+from .moe_init import init_moe_module
 
 MoEEncoderOutput = model_output("MoEEncoderOutput", [
     ("loss", torch.FloatTensor), ("logits", torch.FloatTensor), ("task_loss", torch.FloatTensor),
@@ -165,16 +164,9 @@ class MoEEncoderPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)       # Linear, Embedding (padding row 0), LayerNorm
         std = self.config.initializer_range
-        if isinstance(module, Router):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-            init.zeros_(module.expert_bias)
-            init.zeros_(module.load_accum)
-        elif isinstance(module, GroupedExperts):
-            init.normal_(module.w_in, mean=0.0, std=std)
-            init.normal_(module.w_out, mean=0.0, std=std)
-        elif isinstance(module, SinusoidalPositionalEncoding):
+        if init_moe_module(module, std):
+            return
+        if isinstance(module, SinusoidalPositionalEncoding):
             init.copy_(module.table, sinusoidal_table(module.length, module.dim))
         elif isinstance(module, MoEEncoderForSequenceClassification) and module.cls_token is not None:
             init.normal_(module.cls_token, mean=0.0, std=std)

@@ -42,11 +42,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 
 from dsmoe.moe import MLP, MoELayerBase, MoEStats, build_moe_layer
-from dsmoe.moe.experts import GroupedExperts
-from dsmoe.moe.router import Router
 
 from .cache_compat import cache_kwargs, model_output, output_cache, pick_cache
 from .configuration_routed_lm import RoutedLMConfig
+from .moe_init import init_moe_module
 
 DEBUG_LOG = logging.getLogger("dsmoe.debug")
 """Where :meth:`RoutedLMForCausalLM.set_debug` writes the routing statistics."""
@@ -266,16 +265,9 @@ class RoutedLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)       # Linear, Embedding (padding row 0), *RMSNorm
         std = self.config.initializer_range
-        if isinstance(module, Router):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-            init.zeros_(module.expert_bias)
-            init.zeros_(module.load_accum)
-        elif isinstance(module, GroupedExperts):
-            init.normal_(module.w_in, mean=0.0, std=std)
-            init.normal_(module.w_out, mean=0.0, std=std)
-        elif isinstance(module, RoutedLMMoE):
+        if init_moe_module(module, std):
+            return
+        if isinstance(module, RoutedLMMoE):
             if module.warmup_logit is not None:
                 init.constant_(module.warmup_logit, WARMUP_MIX_INIT)
         elif isinstance(module, TokenImportance):

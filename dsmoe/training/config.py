@@ -149,7 +149,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _build_section(section: str, cls, values: dict[str, Any]):
+def build_section(section: str, cls, values: dict[str, Any]):
+    """A typed config section from a mapping; unknown keys (with the closest valid name) and bad values are
+    ConfigErrors naming ``section.key``."""
     if not isinstance(values, dict):
         raise ConfigError(f"{section}={values!r}: expected a mapping of keys")
     known = {f.name: f for f in fields(cls)}
@@ -174,8 +176,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults) and apply ``key=value`` overrides."""
+def read_config_tree(path: str | os.PathLike | None, overrides: list[str] | None, sections: str) -> dict[str, Any]:
+    """A YAML config file (or {}) as a dict with dotted ``section.key=value`` overrides applied; ``sections``
+    names the expected sections in the error for a file that is not a mapping."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = resolve_path(str(path), "--config")
@@ -184,12 +187,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping with sections model, data, train, parallel")
+            raise ConfigError(f"--config {path}: expected a mapping with sections {sections}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides look like section.key=value")
         k, v = item.split("=", 1)
         _set_dotted(tree, k.strip(), _parse_scalar(v))
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults) and apply ``key=value`` overrides."""
+    tree = read_config_tree(path, overrides, "model, data, train, parallel")
     sections = {"model", "data", "train", "parallel", "deepspeed"}
     for k in tree:
         if k not in sections:
@@ -199,9 +208,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"model={model!r}: expected a mapping of RoutedLMConfig keys")
     cfg = RunConfig(
         model=dict(model), model_config=parse_model(model),
-        data=_build_section("data", DataConfig, tree.get("data") or {}),
-        train=_build_section("train", TrainConfig, tree.get("train") or {}),
-        parallel=_build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
+        data=build_section("data", DataConfig, tree.get("data") or {}),
+        train=build_section("train", TrainConfig, tree.get("train") or {}),
+        parallel=build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
         deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
     )
     validate(cfg)
