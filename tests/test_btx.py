@@ -85,11 +85,11 @@ def test_gate_router_init_uses_the_gates_class_directions(experts):
     for moe in btx.moe_layers():
         torch.testing.assert_close(moe.router.weight, want)
     texts3, labels3 = toy_gate_data(n_per_domain=8, domains=3)
-    cfg3 = GatingConfig(base_model=str(base), output_dir=str(root / "gate3"), hidden_dims=[], num_epochs=1,
+    cfg3 = GatingConfig(base_model=str(base), output_dir=str(root / "gate3_on_base"), hidden_dims=[], num_epochs=1,
                         train_split=0.5, val_split=0.25, test_split=0.25)
     train_gating(texts3, labels3, cfg3)
     with pytest.raises(ValueError, match="the gate has 3 classes but 2 models"):
-        btx_merge(folders, router_init="gate", gating=root / "gate3")
+        btx_merge(folders, router_init="gate", gating=root / "gate3_on_base")
 
 
 def test_btx_refuses_bad_arguments(experts):
