@@ -24,8 +24,11 @@ from torch import nn
 
 from dsmoe.models import RoutedLMForCausalLM, from_hf, upcycle
 
+from .ffn_merge import load_causal_lm
 from .gating import load_gate
 from .merge_checks import check_same_architecture
+
+LLAMA = "a Llama causal LM folder"
 
 ROUTER_INITS = ("gate", "hidden", "random")
 TRUNK_MODES = ("average", "first")
@@ -59,7 +62,7 @@ def btx_merge(models: list, top_k: int = 2, router_init: str = "random", gating:
         raise ValueError(f"btx_merge: router_init='hidden' needs prompts= (one list of texts per model, "
                          f"{len(models)} lists)")
     names = [str(m) if isinstance(m, (str, os.PathLike)) else f"model {i + 1}" for i, m in enumerate(models)]
-    hf = [_load(m, name) for m, name in zip(models, names)]
+    hf = [load_causal_lm(m, name, LLAMA) for m, name in zip(models, names)]
     check_same_architecture(hf, names)
     dense = [from_hf(m).eval() for m in hf]                                  # dense RoutedLMs, Llama names
     trunk_model = dense[0]
@@ -73,7 +76,7 @@ def btx_merge(models: list, top_k: int = 2, router_init: str = "random", gating:
     extra = {"n_shared_experts": 1} if shared_expert else {}
     base_dense = None
     if shared_expert:
-        base_hf = _load(base, "base")
+        base_hf = load_causal_lm(base, "base", LLAMA)
         check_same_architecture([hf[0], base_hf], [names[0], "base"])
         base_dense = from_hf(base_hf).eval()
     out = upcycle(trunk_model, n_routed_experts=len(models), num_experts_per_tok=top_k, **extra, **moe_kwargs)
@@ -148,16 +151,6 @@ def _init_from_hidden(model: RoutedLMForCausalLM, dense: list[RoutedLMForCausalL
             means[j, e] = sums[j] / max(count, 1)
     for j, w in enumerate(_routers(model)):
         w[:len(dense)].copy_(F.normalize(means[j], dim=-1).to(w))
-
-
-def _load(model, name: str) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    from transformers import AutoModelForCausalLM
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{name}: not an HF model folder (no config.json); give a Llama causal LM folder")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def _tokenizer_of(model):

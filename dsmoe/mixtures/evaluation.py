@@ -12,14 +12,13 @@ row). No query date is applied (every expert is usable). The gate is also scored
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import combine as C
+from .files import atomic_write
 from .gate_training import GateAccuracy, gate_accuracy, gate_posteriors
 from .year_prediction import YearPrediction, year_mae
 
@@ -83,9 +82,9 @@ class MixtureEvaluation:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         js = out / "mixture_eval.json"
-        _atomic_write(js, lambda p: Path(p).write_text(json.dumps(self.to_dict(), indent=1)))
+        atomic_write(js, lambda p: Path(p).write_text(json.dumps(self.to_dict(), indent=1)))
         png = out / "mixture_eval.png"
-        _atomic_write(png, self._plot)
+        atomic_write(png, self._plot)
         return js, png
 
     def _plot(self, path: str) -> None:
@@ -104,17 +103,6 @@ class MixtureEvaluation:
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100)
         plt.close(fig)
-
-
-def _atomic_write(path: Path, fill) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fill(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def windows(docs: list[EvalDocument], seq_len: int) -> list[tuple[int, list[int], int]]:

@@ -110,7 +110,7 @@ class FFNMergeForCausalLM(FFNMergePreTrainedModel, GenerationMixin):
             raise ValueError(f"models: the FFN merge needs at least 2 models, got {len(models)}")
         names = list(names) if names is not None else [
             str(m) if isinstance(m, (str, os.PathLike)) else f"model {i + 1}" for i, m in enumerate(models)]
-        loaded = [_load_causal_lm(m, name) for m, name in zip(models, names)]
+        loaded = [load_causal_lm(m, name) for m, name in zip(models, names)]
         trunk_state = shared_trunk(loaded, names, allow_different_trunks)
         gate = load_gate(gating) if gating is not None else None
         if gate is not None and gate.gate.num_classes != len(models):
@@ -273,12 +273,14 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return set(keys) if getattr(model.config, "tie_word_embeddings", False) else set()
 
 
-def _load_causal_lm(model, name: str) -> PreTrainedModel:
+def load_causal_lm(model, name: str, want: str = "the fine-tuned model's folder") -> PreTrainedModel:
+    """``model`` itself when loaded, else the fp32 causal LM of the HF folder ``model`` (``name`` and ``want``
+    word the error for a folder without a config)."""
     if isinstance(model, nn.Module):
         return model
     folder = Path(model)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{name}: not an HF model folder (no config.json); give the fine-tuned model's folder")
+        raise ValueError(f"{name}: not an HF model folder (no config.json); give {want}")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
