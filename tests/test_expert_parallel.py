@@ -105,6 +105,13 @@ def _parity_worker(rank, world, ep_size):
         errors["divisibility"] = {"raised": 1}
     except ValueError as e:
         errors["divisibility"] = {"raised": 0 if "num_experts" in str(e) else 1}
+    # the padded kernel keeps every expert on one rank: sharding it is refused, naming the option
+    try:
+        MoELayer(MoEConfig(hidden_size=H, expert_hidden_size=F_, num_experts=8, top_k=1, expert_kernel="padded")) \
+            .apply_expert_parallel(group)
+        errors["padded"] = {"raised": 1}
+    except ValueError as e:
+        errors["padded"] = {"raised": 0 if "expert_kernel='padded'" in str(e) else 1}
     return errors
 
 

@@ -49,17 +49,37 @@ def test_layer_matches_naive_reference(name):
         assert dropped > 0, "the capacity test must actually drop something"
 
 
-def test_grouped_gemm_equals_loop():
-    a = make(num_shared_experts=1)
-    b = make(num_shared_experts=1, grouped_gemm=False)
+@pytest.mark.parametrize("kernel", ["grouped", "padded"])
+@pytest.mark.parametrize("name", ["shared+gate", "gelu", "null", "capacity-null-shared"])
+def test_expert_kernels_equal_the_loop(kernel, name):
+    """Grouped GEMM and the padded batched GEMM give the exact per-expert loop's outputs and gradients (input,
+    experts, router), with null and dropped slots pointing at zero rows."""
+    a = make(expert_kernel=kernel, **CONFIGS[name])
+    b = make(expert_kernel="loop", **CONFIGS[name])
     x = x_()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    oa, ob = a(xa).hidden_states, b(xb).hidden_states
-    torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(oa)
-    oa.backward(g), ob.backward(g)
+    oa, ob = a(xa), b(xb)
+    torch.testing.assert_close(oa.hidden_states, ob.hidden_states, rtol=1e-5, atol=1e-6)
+    assert oa.stats["tokens_per_expert"].tolist() == ob.stats["tokens_per_expert"].tolist()
+    g = torch.randn_like(oa.hidden_states)
+    oa.hidden_states.backward(g), ob.hidden_states.backward(g)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.experts.w_in.grad, b.experts.w_in.grad, rtol=1e-5, atol=1e-6)
+    for (name_a, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name_a)
+
+
+def test_padded_layout_points_unused_slots_at_zero_rows():
+    from dsmoe.moe.row_plan import plan_rows
+    expert = torch.tensor([0, 2, 0, 1, 2, 2])          # 3 tokens x k=2
+    keep = torch.tensor([True, True, True, False, True, True])
+    plan = plan_rows(expert, keep, 3, 2, padded=True)
+    assert plan.capacity == 3 and plan.counts.tolist() == [3, 3, 3]
+    assert plan.routed_counts.tolist() == [2, 0, 3]
+    rows = plan.slot_row.tolist()
+    assert rows[0] == 0 and rows[2] == 1 and rows[1] == 6 and rows[4] == 7 and rows[5] == 8
+    assert plan.row_slot[rows[3]] == 6, "the dropped slot must point at a zero row (no slot, weight 0)"
+    grouped = plan_rows(expert, keep, 3, 2)
+    assert grouped.num_rows == 6 and grouped.counts.tolist() == [2, 0, 4] and grouped.slot_row[3] == 5
 
 
 @pytest.mark.parametrize("cf", [math.inf, 1e9])

@@ -89,7 +89,7 @@ def _hf_moe_layers(hf, family: str) -> list[int]:
 def _check_same_moe(config: RoutedLMConfig, want, overridden: set, name: str) -> None:
     """The imported blocks' MoEConfig must be what ``config`` builds (apart from what the caller overrode)."""
     ours = config.moe_config().to_dict()
-    skip = {"init_std", "grouped_gemm", "eval_capacity_factor"} | {
+    skip = {"init_std", "expert_kernel", "eval_capacity_factor"} | {
         k for k, o in BY_LAYER_FIELD.items() if o.ours in overridden}
     for key, value in want.to_dict().items():
         if key not in skip and ours[key] != value:

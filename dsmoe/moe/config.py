@@ -10,6 +10,7 @@ SCORE_FUNCS = ("softmax", "sigmoid", "identity")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("dsmoe", "deepspeed")
+EXPERT_KERNELS = ("auto", "grouped", "padded", "loop")
 GROUP_SCORES = ("top2_sum", "max")
 
 
@@ -101,8 +102,10 @@ class MoEConfig:
     """Expert MLP: "swiglu" or "gelu"."""
     backend: str = "dsmoe"
     """"dsmoe" (own dispatcher) or "deepspeed" (deepspeed.moe.layer.MoE)."""
-    grouped_gemm: bool = True
-    """Use torch's grouped GEMM where it runs; an exact per-expert loop otherwise."""
+    expert_kernel: str = "auto"
+    """How the routed experts multiply their rows: "grouped" (torch's grouped GEMM where it runs, else a loop),
+    "padded" (experts padded to one capacity, one batched GEMM per projection: fastest on a CPU shared with
+    other processes; needs all experts on one rank), "loop" (exact per-expert matmuls) or "auto" (grouped)."""
     use_residual: bool = False
     """backend="deepspeed" only: PR-MoE residual MLP mixed by a learned coefficient."""
     noisy_gate_policy: str | None = None
@@ -129,7 +132,8 @@ class MoEConfig:
         if self.max_capacity is not None and self.max_capacity < max(self.min_capacity, 1):
             raise bad("max_capacity", "is below {min_capacity}", "min_capacity")
         for name, allowed in (("drop_policy", DROP_POLICIES), ("score_func", SCORE_FUNCS),
-                              ("activation", ACTIVATIONS), ("backend", BACKENDS), ("group_score", GROUP_SCORES)):
+                              ("activation", ACTIVATIONS), ("backend", BACKENDS),
+                              ("expert_kernel", EXPERT_KERNELS), ("group_score", GROUP_SCORES)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if self.num_groups <= 0 or self.num_experts % self.num_groups:

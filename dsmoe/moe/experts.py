@@ -1,4 +1,4 @@
-"""Routed experts with stacked weights, computed by grouped GEMM (or an exact per-expert loop)."""
+"""Routed experts with stacked weights: grouped GEMM, one batched GEMM over padded experts, or an exact loop."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .mlp import MLP
+from .swiglu import swiglu
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -31,14 +32,20 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs
 
 
 class GroupedExperts(nn.Module):
-    """E experts as stacked tensors: ``w_in`` (E, H, F) or (E, H, 2F) for SwiGLU [gate | up], ``w_out`` (E, F, H)."""
+    """E experts as stacked tensors: ``w_in`` (E, H, F) or (E, H, 2F) for SwiGLU [gate | up], ``w_out`` (E, F, H).
+
+    ``MoEConfig.expert_kernel`` picks how the rows are multiplied: "grouped" (``torch._grouped_mm`` where it
+    runs, else the loop), "padded" (rows laid out as [E, capacity, H]: one ``bmm`` per projection, so 6
+    parallel regions per forward+backward instead of 6 x E: robust when other processes share the CPU),
+    "loop" (one matmul per expert: the exact reference) or "auto" (grouped).
+    """
 
     def __init__(self, cfg: MoEConfig, num_experts: int | None = None):
         super().__init__()
         e = cfg.num_experts if num_experts is None else num_experts
         h, f = cfg.hidden_size, cfg.expert_hidden_size
         self.activation = cfg.activation
-        self.use_grouped_mm = cfg.grouped_gemm
+        self.kernel = cfg.expert_kernel
         self.ffn = f
         n_in = 2 * f if cfg.activation == "swiglu" else f
         self.w_in = nn.Parameter(torch.empty(e, h, n_in))
@@ -50,23 +57,35 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in.shape[0]
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, H) sorted by expert, counts (E_local,) long with sum N -> (N, H)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None,
+                capacity: int | None = None) -> torch.Tensor:
+        """x (R, H) grouped by expert, counts (E_local,) long with sum R -> (R, H).
+
+        ``row_weight`` (R,) scales each row before the down projection (the routing weights: a row of weight
+        0 then gives exactly 0). ``capacity``: x is padded, ``E_local x capacity`` rows, expert e owning rows
+        ``[e*capacity, (e+1)*capacity)``; computed with one batched GEMM per projection.
+        """
         if x.shape[0] == 0:
             # depend on x (so backward still runs the dispatcher's all-to-all, which every rank must join) and on
             # the weights (so every rank produces zero grads for them)
             return x * 0 + 0 * (self.w_in.sum() + self.w_out.sum())
         w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
+        if capacity is not None:
+            e = self.num_experts
+            h = torch.bmm(x.view(e, capacity, -1), w_in).view(x.shape[0], -1)
+            return torch.bmm(self._activate(h, row_weight).view(e, capacity, -1), w_out).view(x.shape[0], -1)
         offs = None
-        if self.use_grouped_mm and grouped_mm_supported(x, w_in) and grouped_mm_supported(x, w_out.transpose(1, 2)):
+        if self.kernel in ("auto", "grouped") and grouped_mm_supported(x, w_in) \
+                and grouped_mm_supported(x, w_out.transpose(1, 2)):
             offs = torch.cumsum(counts, 0).to(torch.int32)
         h = _grouped_matmul(x, w_in, counts, offs)
+        return _grouped_matmul(self._activate(h, row_weight), w_out, counts, offs)
+
+    def _activate(self, h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         if self.activation == "swiglu":
-            gate, up = h.split(self.ffn, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return _grouped_matmul(h, w_out, counts, offs)
+            return swiglu(h, row_weight)
+        h = F.gelu(h)
+        return h if row_weight is None else h * row_weight.to(h.dtype).unsqueeze(1)
 
 
 class SharedExperts(MLP):

@@ -1,4 +1,4 @@
-"""MoELayer: router -> (null / capacity filter) -> dispatcher -> grouped experts -> combine (+ shared).
+"""MoELayer: router -> (null / capacity filter) -> row plan -> dispatcher -> experts -> combine (+ shared).
 
 dsmoe's own backend of :class:`dsmoe.moe.interface.MoELayerBase`. Shapes: (N)umber of local tokens, (H)idden
 size, (E) routed experts, (k) choices per token, (P) expert-parallel group size.
@@ -16,6 +16,7 @@ from .dispatcher import AllToAllDispatcher, LocalDispatcher, TokenDispatcher
 from .experts import GroupedExperts, SharedExperts
 from .interface import KEEP, ExpertShard, MoELayerBase, MoEOutput
 from .router import Router
+from .row_plan import combine_rows, gather_rows, plan_rows
 from .stats import MoEStats
 
 
@@ -43,6 +44,9 @@ class MoELayer(MoELayerBase):
         e = self.cfg.num_experts
         if e % p:
             raise ValueError(f"num_experts={e} is not divisible by the expert-parallel group size {p}")
+        if self.cfg.expert_kernel == "padded" and p > 1:
+            raise ValueError(f"MoEConfig.expert_kernel='padded' needs every expert on one rank, but the "
+                             f"expert-parallel group has {p} ranks: use 'auto' or 'grouped'")
         if self.experts.num_experts != e:
             raise RuntimeError("apply_expert_parallel was already applied to this layer")
         if p == 1:
@@ -93,7 +97,6 @@ class MoELayer(MoELayerBase):
         aux, loss_stats = self._aux_losses(r, shape)
 
         flat_expert = r.topk_idx.reshape(-1)
-        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         flat_weight = r.topk_weight.reshape(-1)
         keep = flat_expert < e                          # null choices never leave the router
         n_null = (~keep).sum()
@@ -107,32 +110,29 @@ class MoELayer(MoELayerBase):
         if cap is not None:
             real = keep.nonzero().squeeze(1)
             if token_priority is not None:
-                prio = token_priority.reshape(-1).float()[flat_token[real]]
+                prio = token_priority.reshape(-1).float()[real // k]
             elif cfg.drop_policy == "probs":
                 prio = flat_weight.detach()[real]
             else:
-                prio = -flat_token[real].float()
+                prio = -(real // k).float()
             kept = keep_within_capacity(flat_expert[real], prio, e, cap)
             keep[real[~kept]] = False
             n_dropped = (~kept).sum()
 
-        if cap is None and not cfg.num_null_experts:    # every assignment is computed: no filtering (no sync)
-            idx = torch.argsort(flat_expert, stable=True)
-        else:
-            idx = keep.nonzero().squeeze(1)
-            idx = idx[torch.argsort(flat_expert[idx], stable=True)]   # sorted by expert, token order within
-        tok, expert = flat_token[idx], flat_expert[idx]
-        counts = torch.bincount(expert, minlength=e)
+        # dropless without null experts computes every slot: no filtering (and no host sync)
+        filtered = cap is not None or cfg.num_null_experts > 0
+        padded = cfg.expert_kernel == "padded" and self.expert_parallel_size == 1
+        plan = plan_rows(flat_expert, keep if filtered else None, e, k, padded)
+        counts = plan.routed_counts
 
-        d = self.dispatcher.dispatch(x2.index_select(0, tok), counts)
+        rows = gather_rows(x2, plan)
+        d = self.dispatcher.dispatch(rows, plan.counts, plan.row_weights(flat_weight))
         shared = self.shared_experts(x2) if self.shared_experts is not None else None  # overlaps the exchange
         d.wait()
-        y = self.dispatcher.combine(self.experts(d.tokens, d.counts), d)
-        # back into (token, choice) slots (null and dropped slots stay zero), then the weighted sum over the k
-        # choices: no scatter-add, so the result is deterministic on GPU too (and on CPU faster than index_add
-        # or a bmm of n tiny matrices)
-        slots = y.new_zeros(n * k, y.shape[1]).index_copy(0, idx, y)
-        out = (slots.view(n, k, -1) * flat_weight.view(n, k, 1).to(y.dtype)).sum(1)
+        # the routing weights scale each row inside the experts (before the down projection), so the combine is
+        # a plain sum over the k choices, by gathers only: deterministic, and no zero-filled buffers
+        y = self.dispatcher.combine(self.experts(d.tokens, d.counts, d.weights, plan.capacity), d)
+        out = combine_rows(y, plan)
         if shared is not None:
             out = out + shared
 
