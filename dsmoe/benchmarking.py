@@ -1,10 +1,12 @@
-"""Shared helpers of the launch/bench_*.py scripts: the machine line, a CPU-contention meter, timing utilities."""
+"""Shared helpers of the launch/bench_*.py scripts: the machine line, a CPU-contention meter, a busy-core
+spinner, timing utilities."""
 from __future__ import annotations
 
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -68,6 +70,41 @@ class CpuContention:
         wall = end[0] - self.start[0]
         other = (end[1] - self.start[1]) - (end[2] - self.start[2])
         return max(other, 0.0) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+
+
+class BusyCore:
+    """A helper process spinning on one CPU while the block runs: a shared machine, measured instead of guessed.
+
+    ``with BusyCore(True): ...`` starts ``python -c 'while True: pass'`` pinned to the last CPU this process may
+    use (Linux; elsewhere unpinned) and kills it on exit, even on an exception. ``BusyCore(False)`` does nothing.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.proc, self.cpu = enabled, None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        code = "while True: pass"
+        if hasattr(os, "sched_getaffinity"):
+            self.cpu = max(os.sched_getaffinity(0))
+            code = f"import os; os.sched_setaffinity(0, {{{self.cpu}}})\n" + code
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+        time.sleep(0.2)                       # let it start spinning before the first timed step
+        return self
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "busy core: none"
+        return f"busy core: a spinning process pinned to CPU {self.cpu}" if self.cpu is not None \
+            else "busy core: a spinning process (unpinned)"
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        return False
 
 
 def sync(device: str) -> None:

@@ -18,13 +18,18 @@ def test_bench_moe_smoke(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: CPU" in proc.stdout
-    assert "dsmoe/deepspeed" in proc.stdout and "null efficiency" in proc.stdout
+    assert "% of dense" in proc.stdout and "the strongest other" in proc.stdout and "null efficiency" in proc.stdout
+    assert "malloc: heap only" in proc.stdout          # the CPU allocation setting is applied and named
 
     res = json.loads(out.read_text())
     labels = {(r["shape"], r["contender"]) for r in res["rows"]}
     for s in ("a", "b"):
-        for c in ("dsmoe dropless", "dsmoe cf=1.25", "deepspeed cf=1.25", "dense SwiGLU"):
+        for c in ("dsmoe dropless", "dsmoe padded", "dsmoe adaptive", "dsmoe cf=1.25", "deepspeed cf=1.25",
+                  "dense SwiGLU", "transformers Mixtral eager", "transformers Mixtral grouped_mm",
+                  "transformers Qwen3-MoE grouped_mm"):
             assert (s, c) in labels
+        # the transformers blocks hold the dsmoe layer's weights: the same function
+        assert max(res["max_abs_diff_vs_dsmoe"][s].values()) < 1e-5
     assert ("c", "dsmoe dropless +4 null") in labels
     for r in res["rows"]:
         assert r["median_ms"] > 0 and r["tflops"] > 0
@@ -33,3 +38,18 @@ def test_bench_moe_smoke(tmp_path):
     null = res["ratios"]["c/null"]
     assert 0.3 < null["null_share"] < 0.7          # the router bias steered ~half of the choices to null experts
     assert res["ratios"]["a/dsmoe dropless"]["speedup_vs_deepspeed"] > 0
+    assert res["ratios"]["b/dsmoe adaptive"]["speedup_vs_transformers"] > 0
+
+
+def test_bench_moe_busy_core_smoke(tmp_path):
+    """--busy-core runs a spinner for the duration (and stops it); transformers/DeepSpeed can be left out."""
+    out = tmp_path / "busy.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_moe.py"), "--smoke", "--device", "cpu",
+                           "--threads", "1", "--shapes", "b", "--busy-core", "--no-deepspeed", "--no-transformers",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["busy_core"] and "spinning process" in res["busy_core_note"]
+    assert {r["contender"] for r in res["rows"]} == {"dense SwiGLU", "dsmoe dropless", "dsmoe padded",
+                                                     "dsmoe adaptive", "dsmoe cf=1.25"}

@@ -68,6 +68,25 @@ def test_expert_kernels_equal_the_loop(kernel, name):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name_a)
 
 
+def test_adaptive_kernel_tries_both_and_keeps_the_faster():
+    """expert_kernel="adaptive" runs both layouts on its first calls (each equal to the loop), then uses the one
+    its timings favour, probing the other every probe_every calls."""
+    a = make(expert_kernel="adaptive", **CONFIGS["capacity-null-shared"])
+    b = make(expert_kernel="loop", **CONFIGS["capacity-null-shared"])
+    chooser = a.kernel_chooser
+    x = x_()
+    for i in range(4):
+        xa = x.clone().requires_grad_(i % 2 == 1)          # samples with and without the backward timed
+        oa = a(xa)
+        torch.testing.assert_close(oa.hidden_states, b(x).hidden_states, rtol=1e-5, atol=1e-6)
+        oa.hidden_states.sum().backward()
+    assert all(len(v) == 2 for v in chooser.samples.values()), chooser.samples
+    chooser.samples["padded"].extend([1.0] * 5)            # make padded look slow: grouped must win
+    used = [chooser.pick() for _ in range(2 * chooser.probe_every)]
+    assert used.count("padded") == 2 and set(used) == {"grouped", "padded"}
+    assert chooser.summary()["choice"] == "grouped"
+
+
 def test_padded_layout_points_unused_slots_at_zero_rows():
     from dsmoe.moe.row_plan import plan_rows
     expert = torch.tensor([0, 2, 0, 1, 2, 2])          # 3 tokens x k=2

@@ -10,7 +10,7 @@ SCORE_FUNCS = ("softmax", "sigmoid", "identity")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("dsmoe", "deepspeed")
-EXPERT_KERNELS = ("auto", "grouped", "padded", "loop")
+EXPERT_KERNELS = ("auto", "grouped", "padded", "adaptive", "loop")
 GROUP_SCORES = ("top2_sum", "max")
 
 
@@ -105,7 +105,10 @@ class MoEConfig:
     expert_kernel: str = "auto"
     """How the routed experts multiply their rows: "grouped" (torch's grouped GEMM where it runs, else a loop),
     "padded" (experts padded to one capacity, one batched GEMM per projection: fastest on a CPU shared with
-    other processes; needs all experts on one rank), "loop" (exact per-expert matmuls) or "auto" (grouped)."""
+    other processes), "adaptive" (on CPU, times grouped and padded on the layer's own calls and keeps the
+    faster, re-checking now and then: fast on idle and on busy machines, not bitwise reproducible; grouped on
+    GPU), "loop" (exact per-expert matmuls) or "auto" (grouped). "padded" and "adaptive" need every expert on
+    one rank (adaptive falls back to grouped under expert parallelism)."""
     use_residual: bool = False
     """backend="deepspeed" only: PR-MoE residual MLP mixed by a learned coefficient."""
     noisy_gate_policy: str | None = None

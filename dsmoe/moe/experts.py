@@ -75,7 +75,7 @@ class GroupedExperts(nn.Module):
             h = torch.bmm(x.view(e, capacity, -1), w_in).view(x.shape[0], -1)
             return torch.bmm(self._activate(h, row_weight).view(e, capacity, -1), w_out).view(x.shape[0], -1)
         offs = None
-        if self.kernel in ("auto", "grouped") and grouped_mm_supported(x, w_in) \
+        if self.kernel != "loop" and grouped_mm_supported(x, w_in) \
                 and grouped_mm_supported(x, w_out.transpose(1, 2)):
             offs = torch.cumsum(counts, 0).to(torch.int32)
         h = _grouped_matmul(x, w_in, counts, offs)

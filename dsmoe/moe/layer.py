@@ -15,6 +15,7 @@ from .config import MoEConfig
 from .dispatcher import AllToAllDispatcher, LocalDispatcher, TokenDispatcher
 from .experts import GroupedExperts, SharedExperts
 from .interface import KEEP, ExpertShard, MoELayerBase, MoEOutput
+from .kernel_choice import KernelChooser
 from .router import Router
 from .row_plan import combine_rows, gather_rows, plan_rows
 from .stats import MoEStats
@@ -36,6 +37,7 @@ class MoELayer(MoELayerBase):
         self.experts = GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.shared_hidden > 0 else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
+        self.kernel_chooser = KernelChooser() if cfg.expert_kernel == "adaptive" else None
 
     # ------------------------------------------------------------------ parallelism
     def apply_expert_parallel(self, group=None) -> "MoELayer":
@@ -46,7 +48,7 @@ class MoELayer(MoELayerBase):
             raise ValueError(f"num_experts={e} is not divisible by the expert-parallel group size {p}")
         if self.cfg.expert_kernel == "padded" and p > 1:
             raise ValueError(f"MoEConfig.expert_kernel='padded' needs every expert on one rank, but the "
-                             f"expert-parallel group has {p} ranks: use 'auto' or 'grouped'")
+                             f"expert-parallel group has {p} ranks: use 'auto', 'grouped' or 'adaptive'")
         if self.experts.num_experts != e:
             raise RuntimeError("apply_expert_parallel was already applied to this layer")
         if p == 1:
@@ -83,6 +85,15 @@ class MoELayer(MoELayerBase):
         return self.router.update_bias(group)
 
     # ------------------------------------------------------------------ forward
+    def _pick_kernel(self, x: torch.Tensor) -> str | None:
+        """"padded" or "grouped" where the layout is the layer's to choose (every expert on this rank), else None."""
+        if self.expert_parallel_size > 1:
+            return None
+        kernel = self.cfg.expert_kernel
+        if kernel == "adaptive":
+            return self.kernel_chooser.pick() if x.device.type == "cpu" else "grouped"
+        return "padded" if kernel == "padded" else "grouped"
+
     def forward(self, x: torch.Tensor, capacity_factor=KEEP, token_priority: torch.Tensor | None = None,
                 ) -> MoEOutput:
         """x: (B, T, H) or (N, H). ``capacity_factor`` overrides the configured one for this call (warmup);
@@ -121,17 +132,23 @@ class MoELayer(MoELayerBase):
 
         # dropless without null experts computes every slot: no filtering (and no host sync)
         filtered = cap is not None or cfg.num_null_experts > 0
-        padded = cfg.expert_kernel == "padded" and self.expert_parallel_size == 1
-        plan = plan_rows(flat_expert, keep if filtered else None, e, k, padded)
+        kernel = self._pick_kernel(x2)
+        timer = self.kernel_chooser.timer(kernel, n * k) if self.kernel_chooser is not None and kernel else None
+        plan = plan_rows(flat_expert, keep if filtered else None, e, k, kernel == "padded")
         counts = plan.routed_counts
 
         rows = gather_rows(x2, plan)
+        if timer is not None:
+            rows = timer.input(rows)
         d = self.dispatcher.dispatch(rows, plan.counts, plan.row_weights(flat_weight))
         shared = self.shared_experts(x2) if self.shared_experts is not None else None  # overlaps the exchange
         d.wait()
         # the routing weights scale each row inside the experts (before the down projection), so the combine is
         # a plain sum over the k choices, by gathers only: deterministic, and no zero-filled buffers
-        y = self.dispatcher.combine(self.experts(d.tokens, d.counts, d.weights, plan.capacity), d)
+        y = self.experts(d.tokens, d.counts, d.weights, plan.capacity)
+        if timer is not None:
+            y = timer.output(y)
+        y = self.dispatcher.combine(y, d)
         out = combine_rows(y, plan)
         if shared is not None:
             out = out + shared
