@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsmoe.models import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
-from dsmoe.benchmarking import CpuContention, log, machine_line, median, setup_device, sync  # noqa: E402
+from dsmoe.benchmarking import BusyCore, CpuContention, log, machine_line, median, setup_device, sync  # noqa: E402
+from dsmoe.cpu_allocator import allocator_note, keep_cpu_allocations  # noqa: E402
 from dsmoe.models.modeling_routed_lm import RoutedLMRotaryEmbedding  # noqa: E402
 from dsmoe.moe.experts import GroupedExperts  # noqa: E402
 from dsmoe.moe.router import Router  # noqa: E402
@@ -84,6 +85,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile attention and dense FFNs (MoE FFNs stay eager; off by default)")
+    p.add_argument("--expert-kernel", default="auto", choices=("auto", "grouped", "padded", "adaptive", "loop"),
+                   help="RoutedLMConfig.moe_expert_kernel of the MoE models (default auto = grouped GEMM)")
+    p.add_argument("--busy-core", action="store_true", help="spin a helper process on one CPU while timing")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: keep glibc's default allocation (mmap for large tensors) instead of dsmoe's setting")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 warmup + 2 reps: checks the script runs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -120,10 +126,10 @@ class Sizes:
                 f"L={self.layers} T={self.seq} B={self.batch} vocab={self.vocab} active FFN width={self.ffn}")
 
 
-def make_config(name: str, s: Sizes) -> RoutedLMConfig:
+def make_config(name: str, s: Sizes, kernel: str = "auto") -> RoutedLMConfig:
     base = dict(vocab_size=s.vocab, hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                 num_key_value_heads=s.kv_heads, max_position_embeddings=s.seq, intermediate_size=s.ffn,
-                tie_word_embeddings=False, use_cache=False, expert_capacity_factor=None)
+                tie_word_embeddings=False, use_cache=False, expert_capacity_factor=None, moe_expert_kernel=kernel)
     if name == "dense":
         return RoutedLMConfig(**base, use_moe=False)
     if name == "mixtral":
@@ -193,8 +199,9 @@ class Bench:
         return self.model.config.use_moe and self.model.config.topk_method == "noaux_tc"
 
 
-def build(name: str, s: Sizes, device: str, dtype: torch.dtype, lr: float, compile_layers: bool) -> Bench:
-    cfg = make_config(name, s)
+def build(name: str, s: Sizes, device: str, dtype: torch.dtype, lr: float, compile_layers: bool,
+          kernel: str = "auto") -> Bench:
+    cfg = make_config(name, s, kernel)
     with torch.device(device):             # initialise on the GPU: seconds instead of minutes for billions of params
         model = RoutedLMForCausalLM(cfg)
     model.to(device=device, dtype=dtype).train()
@@ -315,6 +322,8 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype, dtype_name = setup_device(args.device, args.dtype, args.threads)
     gpu = device == "cuda"
+    if not gpu and not args.system_malloc:
+        keep_cpu_allocations()
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -353,13 +362,15 @@ def main(argv=None):
         if args.peak_tflops else default_peak(device, dtype)
 
     mline = machine_line(device, dtype, ("transformers",))
-    print(mline, flush=True)
+    mline += f" | {allocator_note() if not gpu else 'malloc: n/a'} | expert_kernel={args.expert_kernel}"
+    spinner = BusyCore(args.busy_core)
+    print(mline + f" | {spinner.describe()}", flush=True)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
     benches = []
     for name in wanted:
-        b = build(name, s, device, dtype, args.lr, args.compile)
+        b = build(name, s, device, dtype, args.lr, args.compile, args.expert_kernel)
         benches.append(b)
         log(f"built {name}: {fmt_count(b.params['total'])} params, {fmt_count(b.params['active'])} active "
             f"(non-embedding), {b.flops_tok / 1e9:.2f} GFLOP/token")
@@ -367,7 +378,8 @@ def main(argv=None):
         total_mem = torch.cuda.get_device_properties(0).total_memory
         target = (args.mem_target_gb * 2**30) if args.mem_target_gb else 0.8 * total_mem
         s.batch = auto_batch(benches, s, device, target, gen, log)
-    contention = bench(benches, s, device, warmup, reps, gen, log, auto)
+    with spinner:
+        contention = bench(benches, s, device, warmup, reps, gen, log, auto)
 
     # ------------------------------------------------------------------ table
     tokens = s.batch * s.seq
@@ -388,6 +400,7 @@ def main(argv=None):
         })
     results = {"machine": mline, "device": device, "dtype": dtype_name, "sizes": vars(s), "tokens_per_step": tokens,
                "warmup": warmup, "reps": reps, "peak_tflops": peak_tflops, "peak_note": peak_note,
+               "busy_core": args.busy_core, "expert_kernel": args.expert_kernel,
                "flops_note": "6*N_active + 12*L*(heads*head_dim)*T per token, fwd+bwd; N_active: all parameters "
                              "but the input embedding, routed experts counted top_k/E",
                "rows": rows, "ratios": {}}
@@ -408,8 +421,10 @@ def main(argv=None):
         print(f"  {'':<8} params {fmt_count(r['params_total'])} total, {fmt_count(r['params_active'])} active; "
               f"{r['gflop_per_token']:.3f} GFLOP/token = 6N {r['gflop_6n']:.3f} + attention {r['gflop_attention']:.3f}")
     if contention is not None:
+        expected = 1 / (os.cpu_count() or 1) if args.busy_core else 0.0
         print(f"contention: other processes + steal used {100 * contention:.0f}% of the {os.cpu_count()} CPUs while "
-              "timing" + ("  <- noisy, rerun on a quiet machine" if contention > 0.1 else ""))
+              "timing" + (" (the busy core included)" if args.busy_core else "")
+              + ("  <- noisy, rerun on a quiet machine" if contention > expected + 0.1 else ""))
     tgt_ok = gpu and dtype == torch.bfloat16 and peak_tflops is not None
     hdr = (f"{'model':<9} {'median ms':>10} {'min..max ms':>17} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>7} "
            f"{'target':>11} {'peak GiB':>8} {'computed/assigned':>18} {'loss':>6}")

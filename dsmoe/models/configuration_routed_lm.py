@@ -130,6 +130,10 @@ class RoutedLMConfig(PreTrainedConfig):
     """Re-initialise every router (weights and expert bias) once, at the first training step >= this."""
     moe_backend: str = "dsmoe"
     """"dsmoe" (own dispatcher, grouped GEMM) or "deepspeed" (deepspeed.moe.layer.MoE)."""
+    moe_expert_kernel: str = "auto"
+    """dsmoe backend: how routed experts multiply their rows, "auto" (grouped GEMM), "grouped", "padded",
+    "adaptive" (on CPU, keeps whichever of grouped/padded its own timings favour: fast on a busy machine, not
+    bitwise reproducible) or "loop"."""
 
     # ---------------------------------------------------------------- losses and schedules
     aux_loss_coef: float = 0.01

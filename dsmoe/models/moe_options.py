@@ -63,6 +63,7 @@ MOE_OPTIONS: tuple[MoEOption, ...] = (
     MoEOption("seq_aux_loss_coef", "seq_aux_loss_coef"),
     MoEOption("z_loss_coef", "z_loss_coef"),
     MoEOption("moe_backend", "backend", imported=False),
+    MoEOption("moe_expert_kernel", "expert_kernel", imported=False),
     MoEOption("initializer_range", "init_std", imported=False),
 )
 

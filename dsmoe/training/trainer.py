@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..cpu_allocator import keep_cpu_allocations
 from .checkpoint import CheckpointError, latest_checkpoint, load_hf_state, read_trainer_state, save_checkpoint
 from .config import ConfigError, RunConfig, validate
 from .metrics import MetricsLogger, truncate_after, write_plots
@@ -136,6 +137,8 @@ class Trainer:
 
     def _init_process_group(self) -> None:
         self.dist: DistInfo = init_distributed()
+        if self.dist.device.type == "cpu":
+            keep_cpu_allocations()       # reuse activation memory across steps instead of page-faulting it in
         world = self.dist.world_size
         if self.debug and world != 1:
             raise ConfigError(f"--debug runs one process without a launcher, but WORLD_SIZE={world}; "
