@@ -219,6 +219,23 @@ def test_resume_after_round_2_reproduces_round_3(full_run):
         run_federated_simulation(_cfg(tmp, "resumed", "federation.num_rounds=4", "train.lr=0.1"))
 
 
+
+def test_too_few_successful_clients_keep_the_global_model(tmp_path):
+    """min_fit_clients=3 of 3 and client 1 failing in round 2: round 2 is logged as not aggregated, its global
+    model (and checkpoint) equals round 1's, and the run goes on."""
+    from dsmoe.federated import run_federated_simulation
+
+    run_federated_simulation(_cfg(tmp_path, "strict", "federation.num_rounds=2", "federation.min_fit_clients=3"),
+                             client_mods=[fail_partition_1_in_round_2])
+    out = tmp_path / "strict"
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["aggregated"] and not rows[2]["aggregated"] and rows[2]["clients_ok"] == 2
+    assert rows[2]["failed_clients"][0]["partition"] == 1
+    one, two = (load_file(str(out / "checkpoints" / f"round_{r:04d}" / "model.safetensors")) for r in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert rows[2]["test_accuracy"] == rows[1]["test_accuracy"]          # the same global model, evaluated again
+
 # ---------------------------------------------------------------------------------------------- data
 def test_bbc_token_inputs_split_and_cache(tmp_path):
     from dsmoe.federated.config import FederatedDataConfig
