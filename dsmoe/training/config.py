@@ -18,11 +18,11 @@ from dsmoe.data import DataConfig
 from dsmoe.moe import backend_class
 from dsmoe.suggest import did_you_mean
 
+from .errors import ConfigError
+from .lm import TRAINABLE, TrainableLM, parse_model_section
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ConfigError(ValueError):
-    """A bad run configuration; ``launch/train.py`` prints it as one line and exits with code 2."""
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "ParallelConfig", "load_config", "validate"]
 
 
 @dataclass
@@ -73,6 +73,9 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
     plots: bool = True
     """Write loss-curve and expert-load PNGs at the end."""
+    trainable: str = "all"
+    """Which parameters train: "all", or "ffn" (only the feed-forward blocks, e.g. to fine-tune the FFNs of a
+    pretrained model for an FFN merge; everything else stays frozen and holds no optimizer state)."""
 
 
 @dataclass
@@ -86,15 +89,16 @@ class ParallelConfig:
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of :class:`dsmoe.models.RoutedLMConfig` (vocab_size is taken from the tokenizer)."""
+    """Keyword arguments of :class:`dsmoe.models.RoutedLMConfig` (vocab_size is taken from the tokenizer); or
+    ``architecture: <transformers model_type>`` + its config keys; or ``pretrained: PATH`` (+ overrides)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: str = "ds_configs/debug.json"
     """Path of a DeepSpeed JSON config (relative paths: the working directory, then the dsmoe repo)."""
-    model_config: Any = field(default=None, repr=False, compare=False)
-    """The ``model`` section parsed once into a ``RoutedLMConfig`` (by :func:`load_config` / :func:`validate`);
-    the trainer fills in what the data decides (vocabulary size, special tokens, context length)."""
+    lm: TrainableLM | None = field(default=None, repr=False, compare=False)
+    """The ``model`` section parsed once (by :func:`load_config` / :func:`validate`) into the model kind the
+    trainer trains; the trainer fills in what the data decides (vocabulary size, special tokens, context length)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
@@ -207,7 +211,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not isinstance(model, dict):
         raise ConfigError(f"model={model!r}: expected a mapping of RoutedLMConfig keys")
     cfg = RunConfig(
-        model=dict(model), model_config=parse_model(model),
+        model=dict(model), lm=parse_model_section(model),
         data=build_section("data", DataConfig, tree.get("data") or {}),
         train=build_section("train", TrainConfig, tree.get("train") or {}),
         parallel=build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
@@ -215,29 +219,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     )
     validate(cfg)
     return cfg
-
-
-def model_keys() -> set[str]:
-    """The keys a ``model:`` section may set: RoutedLMConfig's own fields."""
-    from dsmoe.models import RoutedLMConfig
-    return set(RoutedLMConfig.__annotations__)
-
-
-def parse_model(section: dict[str, Any]):
-    """The ``model:`` section as a ``RoutedLMConfig`` (its vocab_size is replaced by the tokenizer's later);
-    an unknown key or bad value is a ConfigError naming ``model.<key>``."""
-    from dsmoe.models import RoutedLMConfig
-
-    known = model_keys()
-    for k in section:
-        if k not in known:
-            raise ConfigError(f"model.{k}: unknown key{did_you_mean(k, known)} (the model keys are the options of "
-                              f"dsmoe.models.RoutedLMConfig)")
-    try:
-        return RoutedLMConfig(**section)
-    except (TypeError, ValueError) as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
@@ -250,14 +231,20 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.lr={t.lr}: must be > 0")
     if ep <= 0:
         raise ConfigError(f"parallel.expert_parallel_size={ep}: must be a positive integer")
-    if cfg.model_config is None:
-        cfg.model_config = parse_model(cfg.model)
-    mcfg = cfg.model_config
-    if mcfg.use_moe and mcfg.n_routed_experts % ep:
+    if t.trainable not in TRAINABLE:
+        raise ConfigError(f"train.trainable={t.trainable!r}: must be one of {TRAINABLE}")
+    if cfg.lm is None:
+        cfg.lm = parse_model_section(cfg.model)
+    mcfg = cfg.lm.config
+    use_moe = bool(getattr(mcfg, "use_moe", False))
+    if ep > 1 and not use_moe:
+        raise ConfigError(f"parallel.expert_parallel_size={ep}: the model ({cfg.lm.describe()}) has no routed "
+                          f"experts to shard; use 1")
+    if use_moe and mcfg.n_routed_experts % ep:
         raise ConfigError(f"model.n_routed_experts={mcfg.n_routed_experts}: not divisible by "
                           f"parallel.expert_parallel_size={ep}; pick a divisor")
     stage = int(cfg.load_deepspeed().get("zero_optimization", {}).get("stage", 0))
-    if mcfg.use_moe and stage == 3 and not backend_class(mcfg.moe_backend).zero3_compatible:
+    if use_moe and stage == 3 and not backend_class(mcfg.moe_backend).zero3_compatible:
         raise ConfigError(f"model.moe_backend={mcfg.moe_backend}: this MoE backend cannot run under ZeRO stage 3 "
                           f"(deepspeed={cfg.deepspeed}); use model.moe_backend=dsmoe or a zero1/zero2 config")
     if world_size is not None and world_size % ep:

@@ -6,7 +6,6 @@ scalars for logging and stopping.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from ..cpu_allocator import keep_cpu_allocations
 from .checkpoint import CheckpointError, latest_checkpoint, load_hf_state, read_trainer_state, save_checkpoint
 from .config import ConfigError, RunConfig, validate
+from .lm import apply_trainable
 from .metrics import MetricsLogger, truncate_after, write_plots
 from .optimizer_state import FILE as MOMENTS_FILE, load_moments, portable, set_param, zero_moments
 from .rng_state import load_rng_state
@@ -170,23 +170,26 @@ class Trainer:
     def _build_model(self):
         """The model, identically initialised on every rank; on resume with the checkpoint's (unsharded)
         weights, so any expert-parallel size continues from any other."""
-        from dsmoe.models import RoutedLMForCausalLM
-
-        t = self.cfg.train
+        t, lm = self.cfg.train, self.cfg.lm
         mcfg = self._model_config()
         torch.manual_seed(t.seed)
-        model = RoutedLMForCausalLM(mcfg)
+        model = lm.build(mcfg)
         if self.debug:                                 # per-layer routing statistics to the dsmoe.debug logger
-            model.set_debug(True, every=t.log_every)
+            lm.set_debug(model, t.log_every)
         if self.ckpt is not None:
-            self._check_compatible(mcfg)
+            self._check_compatible(model.config)
             missing, unexpected = model.load_state_dict(load_hf_state(self.ckpt / "model"), strict=False)
-            missing = [k for k in missing if not k.endswith("load_accum") and k != "lm_head.weight"]
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            missing = [k for k in missing if not k.endswith("load_accum") and not (tied and k == "lm_head.weight")]
             if missing or unexpected:
                 raise CheckpointError(f"{self.ckpt / 'model'}: weights do not fit the model (missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}); the model config changed since the checkpoint")
-            if mcfg.tie_word_embeddings:
+            if tied:
                 model.tie_weights()
+        counts = apply_trainable(model, t.trainable)
+        if self.dist.rank == 0:
+            log.info("model: %s, %.2fM parameters (%.2fM trainable: train.trainable=%s)", lm.describe(),
+                     counts["total"] / 1e6, counts["trainable"] / 1e6, t.trainable)
         return model
 
     def _build_engine(self, model) -> None:
@@ -215,22 +218,14 @@ class Trainer:
         self.model = engine.module
 
     def _model_config(self):
-        """The parsed ``model`` section with what the data decides: vocabulary, special tokens, context length."""
-        cfg, tok = self.cfg, self.data.tokenizer
-        mcfg = copy.deepcopy(cfg.model_config)
-        mcfg.vocab_size = self.data.vocab_size
-        mcfg.eos_token_id = tok.eos_token_id
-        if "pad_token_id" not in cfg.model:
-            mcfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if "eos_token_id" in cfg.model:
-            mcfg.eos_token_id = cfg.model["eos_token_id"]
-        mcfg.max_position_embeddings = max(cfg.data.seq_len, cfg.model.get("max_position_embeddings", 0))
-        return mcfg
+        """The model's config with what the data decides: vocabulary, special tokens, context length."""
+        tok = self.data.tokenizer
+        return self.cfg.lm.model_config(self.data.vocab_size, tok.eos_token_id, tok.pad_token_id,
+                                        self.cfg.data.seq_len)
 
     def _check_compatible(self, mcfg) -> None:
         saved = json.loads((self.ckpt / "model" / "config.json").read_text())
-        for key in ("hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "use_moe",
-                    "moe_intermediate_size", "use_null_expert", "n_shared_experts"):
+        for key in self.cfg.lm.compat_keys:
             if key in saved and saved[key] != getattr(mcfg, key, None):
                 raise CheckpointError(f"{self.ckpt}: was written with model.{key}={saved[key]}, the config now says "
                                       f"{getattr(mcfg, key, None)}; use another train.output_dir or the old value")
@@ -279,19 +274,16 @@ class Trainer:
         on every rank) in the model *and* in ZeRO's fp32 master copy, and clear their Adam moments, so the
         reset survives the optimizer step and replicas stay identical. The model's own in-forward reset then
         sees it done."""
-        core = self.model.model
-        reset_at = self.model.config.router_reset_step
-        if reset_at is None or step < reset_at or bool(core.router_reset_done):
+        values = self.cfg.lm.router_reset(self.model, step, self.cfg.train.seed)
+        if values is None:
             return
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        values = core.router_reset_values(gen)
         for p, v in values:
             set_param(self.engine, p, v, self.zero_stage)
         if portable(self.engine, self.zero_stage):
             zero_moments(self.engine, [p for p, _ in values], self.zero_stage)
-        core.reset_router_buffers()
+        self.cfg.lm.after_router_reset(self.model)
         if self.dist.rank == 0:
-            log.info("step %d: routers reset (model.router_reset_step=%d)", step, reset_at)
+            log.info("step %d: routers reset (model.router_reset_step=%d)", step, self.model.config.router_reset_step)
 
     def _on_sigterm(self, *_):
         self._stop = True
@@ -318,7 +310,7 @@ class Trainer:
             if max_batches and i >= max_batches:
                 break
             labels = batch["labels"].to(self.dist.device)
-            out = self.engine(input_ids=batch["input_ids"].to(self.dist.device), labels=labels)
+            out = self.cfg.lm.forward(self.engine, batch["input_ids"].to(self.dist.device), labels, None)
             n = (labels[:, 1:] != -100).sum()
             nll += torch.stack([out.lm_loss.double() * n, n.double()])
         dist.all_reduce(nll)
@@ -377,8 +369,8 @@ class Trainer:
         usage = None
         for _ in range(t.grad_accum_steps):
             batch = next(self.loader)
-            out = self.engine(input_ids=batch["input_ids"].to(self.dist.device),
-                              labels=batch["labels"].to(self.dist.device), step=step)
+            out = self.cfg.lm.forward(self.engine, batch["input_ids"].to(self.dist.device),
+                                      batch["labels"].to(self.dist.device), step)
             self.engine.backward(out.loss)
             self.engine.step()
             self.window.add(out)
@@ -386,7 +378,7 @@ class Trainer:
                 u = torch.stack([x.detach().float().cpu() for x in out.expert_usage])
                 usage = u if usage is None else usage + u
                 self.totals.add(out.moe_stats)
-        self.model.update_expert_bias()
+        self.cfg.lm.after_optimizer_step(self.model)
         self.window.tokens += t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.dist.world_size
         if usage is not None:
             self.totals.load = usage if self.totals.load is None else self.totals.load + usage
@@ -450,7 +442,7 @@ class Trainer:
         return record
 
     def _moe_layer_ids(self, n: int) -> list[int]:
-        ids = list(self.model.config.moe_layers)
+        ids = self.cfg.lm.moe_layer_ids(self.model)
         return ids if len(ids) == n else list(range(n))
 
     def _print_summary(self, s: RunSummary) -> None:

@@ -1,0 +1,133 @@
+"""The one trainer on transformers causal LMs: gpt2 / llama / olmo from a config, a pretrained folder fine-tuned
+with only its FFNs trainable, ZeRO-3 on 2 processes, exact resume, and one-line errors for bad model sections."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from launch_utils import REPO_ROOT, check_returncode, launch_env, run_deepspeed
+from train_utils import TINY, TRAIN, losses, summary
+
+ARCHS = {
+    "gpt2": {"architecture": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2},
+    "llama": {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1},
+    "olmo": {"architecture": "olmo", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 2},
+}
+
+
+def write_config(tmp_path, name: str, model: dict, **train) -> str:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"] = model
+    cfg["train"].update({"max_steps": 8, "save_every": 4, "plots": False, **train})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def train(config: str, out, *overrides, check=True):
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", config, "--debug", f"train.output_dir={out}",
+                           *overrides], cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    if check:
+        check_returncode(proc)
+    return proc
+
+
+def final_weights(out):
+    return load_file(str(out / "checkpoints" / "step_00000008" / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "olmo"])
+def test_a_transformers_architecture_trains_from_its_config(tmp_path, arch):
+    out = tmp_path / arch
+    proc = train(write_config(tmp_path, arch, ARCHS[arch]), out)
+    l = losses(out)
+    assert sorted(l) == list(range(1, 9)) and l[8] < l[1] - 0.5, l
+    assert summary(out)["val_perplexity"] > 1 and f"model: {arch} (transformers)" in proc.stderr
+    from transformers import AutoModelForCausalLM                  # plain transformers loads the checkpoint
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_00000008" / "model")
+    assert model.config.model_type == arch and model.config.vocab_size == 512
+    ev = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "eval.py"), str(out)], cwd=REPO_ROOT,
+                        env=launch_env(), capture_output=True, text=True, check=True)
+    assert json.loads(ev.stdout)["val_loss"] == pytest.approx(summary(out)["val_loss"], rel=1e-5)
+
+
+def test_llama_resumes_exactly(tmp_path):
+    cfg = write_config(tmp_path, "llama", ARCHS["llama"])
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(cfg, full)
+    train(cfg, split, "train.steps_per_run=4")
+    train(cfg, split)
+    a, b = losses(full), losses(split)
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]
+
+
+@pytest.fixture
+def pretrained_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    folder = tmp_path / "pretrained"
+    model.save_pretrained(folder)
+    return folder, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ffn_only_fine_tuning_of_a_pretrained_folder(tmp_path, pretrained_llama):
+    folder, before = pretrained_llama
+    out = tmp_path / "ft"
+    proc = train(write_config(tmp_path, "ft", {"pretrained": str(folder)}, trainable="ffn"), out)
+    assert "train.trainable=ffn" in proc.stderr
+    after = final_weights(out)
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert changed and all(".mlp." in k for k in changed), sorted(changed)
+    assert {k for k in before if ".mlp." in k} == changed            # every FFN weight trained
+
+
+def test_zero3_fine_tunes_a_pretrained_olmo_on_two_processes(tmp_path):
+    from transformers import OlmoConfig, OlmoForCausalLM
+    torch.manual_seed(0)
+    OlmoForCausalLM(OlmoConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+                    ).save_pretrained(tmp_path / "olmo")
+    cfg = write_config(tmp_path, "z3", {"pretrained": str(tmp_path / "olmo")}, max_steps=4)
+    out = tmp_path / "z3run"
+    proc = run_deepspeed(TRAIN, ["--config", cfg, f"train.output_dir={out}", "deepspeed=ds_configs/zero3.json"],
+                         num_procs=2, timeout=400)
+    check_returncode(proc)
+    l = losses(out)
+    assert sorted(l) == [1, 2, 3, 4] and l[4] < l[1]
+    w = load_file(str(out / "checkpoints" / "step_00000004" / "model" / "model.safetensors"))
+    ref = OlmoForCausalLM.from_pretrained(tmp_path / "olmo").state_dict()
+    assert w.keys() >= {k for k in ref if k != "lm_head.weight"}
+    assert all(w[k].shape == ref[k].shape for k in w)                # gathered from ZeRO-3 shards, full shapes
+    assert any(not torch.equal(w[k], ref[k]) for k in w)
+
+
+@pytest.mark.parametrize("model, needle", [
+    ({"architecture": "gtp2"}, "model.architecture=gtp2: not a transformers model type; did you mean 'gpt2'?"),
+    ({"architecture": "gpt2", "n_embed": 32}, "model.n_embed: not a gpt2 config key; did you mean 'n_embd'?"),
+    ({"pretrained": "/nonexistent/folder"}, "model.pretrained=/nonexistent/folder: no config.json there"),
+    ({"hidden_sise": 32}, "model.hidden_sise: unknown key"),
+])
+def test_bad_model_sections_exit_2_with_one_line(tmp_path, model, needle):
+    proc = train(write_config(tmp_path, "bad", model), tmp_path / "bad_run", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("dsmoe: error:")]
+    assert len(line) == 1 and needle in line[0], proc.stderr[-2000:]
+    assert not (tmp_path / "bad_run" / "checkpoints").exists()
+
+
+def test_trainable_ffn_needs_ffn_modules_and_unknown_policies_are_refused(tmp_path):
+    proc = train(write_config(tmp_path, "bad", ARCHS["gpt2"], trainable="embeddings"), tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "train.trainable='embeddings': must be one of" in proc.stderr
+    proc = train(write_config(tmp_path, "bad2", ARCHS["gpt2"], trainable="none-but-new"), tmp_path / "r2",
+                 check=False)
+    assert proc.returncode == 2 and "none-but-new is not implemented yet" in proc.stderr
