@@ -131,3 +131,27 @@ def test_trainable_ffn_needs_ffn_modules_and_unknown_policies_are_refused(tmp_pa
     proc = train(write_config(tmp_path, "bad2", ARCHS["gpt2"], trainable="none-but-new"), tmp_path / "r2",
                  check=False)
     assert proc.returncode == 2 and "none-but-new is not implemented yet" in proc.stderr
+
+
+def test_a_btx_merge_fine_tunes_as_a_routed_lm(tmp_path, pretrained_llama):
+    """A Branch-Train-MiX folder (a RoutedLM) given as model.pretrained trains with the MoE machinery on:
+    expert load is logged and the expert bias moves (bias balancing)."""
+    from transformers import LlamaForCausalLM
+    from dsmoe.mixtures import btx_merge
+
+    folder, _ = pretrained_llama
+    a = LlamaForCausalLM.from_pretrained(folder)
+    b = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for p in b.model.layers[0].mlp.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    merged = tmp_path / "btx"
+    btx_merge([a, b], top_k=1, topk_method="noaux_tc", bias_update_rate=0.01).save_pretrained(merged)
+    out = tmp_path / "btx_run"
+    proc = train(write_config(tmp_path, "btx", {"pretrained": str(merged), "aux_loss_coef": 0.01}), out)
+    assert f"model: RoutedLM from {merged}" in proc.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows[0]["expert_load"]) == 2 and len(rows[0]["expert_load"][0]) == 2
+    w = final_weights(out)
+    bias = [k for k in w if k.endswith("expert_bias")]
+    assert bias and any(float(w[k].abs().sum()) > 0 for k in bias)

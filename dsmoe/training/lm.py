@@ -82,15 +82,18 @@ class TrainableLM(ABC):
 
 # ---------------------------------------------------------------------------------------------- RoutedLM
 class RoutedLMSpec(TrainableLM):
-    """dsmoe's RoutedLM: the ``model:`` section is ``RoutedLMConfig`` keys."""
+    """dsmoe's RoutedLM: the ``model:`` section is ``RoutedLMConfig`` keys, trained from scratch; or
+    ``pretrained: PATH`` of a RoutedLM folder (e.g. a Branch-Train-MiX merge) with optional RoutedLM keys
+    overriding its config (training-time options such as aux_loss_coef, bias_update_rate, capacity), fine-tuned
+    with the MoE machinery (bias balancing, EP) intact."""
 
     compat_keys = ("hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size", "use_moe",
                    "moe_intermediate_size", "use_null_expert", "n_shared_experts")
 
-    def __init__(self, section: dict[str, Any]):
+    def __init__(self, section: dict[str, Any], folder: Path | None = None):
         from dsmoe.models import RoutedLMConfig
 
-        self.section = dict(section)
+        self.section, self.folder = dict(section), folder
         known = set(RoutedLMConfig.__annotations__)
         for k in section:
             if k not in known:
@@ -99,13 +102,24 @@ class RoutedLMSpec(TrainableLM):
                                   f" (the model keys are the options of dsmoe.models.RoutedLMConfig, or "
                                   f"'architecture' / 'pretrained' for a transformers causal LM)")
         try:
-            self.config = RoutedLMConfig(**section)
+            if folder is None:
+                self.config = RoutedLMConfig(**section)
+            else:
+                saved = RoutedLMConfig.from_pretrained(folder).to_dict()
+                keep = {k: v for k, v in saved.items() if k in known}
+                self.config = RoutedLMConfig(**{**keep, **section})
         except (TypeError, ValueError) as e:
             msg = str(e).splitlines()[0]
             raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
 
     def model_config(self, vocab_size, eos_token_id, pad_token_id, seq_len):
         mcfg = copy.deepcopy(self.config)
+        if self.folder is not None:
+            if vocab_size > mcfg.vocab_size:
+                raise ConfigError(f"model.pretrained={self.folder}: its vocabulary ({mcfg.vocab_size}) is smaller "
+                                  f"than the tokenizer's ({vocab_size}); set data.tokenizer to the model's tokenizer")
+            mcfg.max_position_embeddings = max(seq_len, mcfg.max_position_embeddings)
+            return mcfg
         mcfg.vocab_size = vocab_size
         mcfg.eos_token_id = self.section.get("eos_token_id", eos_token_id)
         if "pad_token_id" not in self.section:
@@ -115,7 +129,9 @@ class RoutedLMSpec(TrainableLM):
 
     def build(self, config):
         from dsmoe.models import RoutedLMForCausalLM
-        return RoutedLMForCausalLM(config)
+        if self.folder is None:
+            return RoutedLMForCausalLM(config)
+        return RoutedLMForCausalLM.from_pretrained(self.folder, config=config, dtype=torch.float32)
 
     def forward(self, engine, input_ids, labels, step):
         kw = {} if step is None else {"step": step}
@@ -142,7 +158,7 @@ class RoutedLMSpec(TrainableLM):
         model.set_debug(True, every=every)
 
     def describe(self):
-        return "RoutedLM"
+        return "RoutedLM" + (f" from {self.folder}" if self.folder else "")
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -157,13 +173,7 @@ class HFCausalLMSpec(TrainableLM):
         self.pretrained = section.pop("pretrained", None)
         self.overrides = section
         if self.pretrained is not None:
-            folder = Path(str(self.pretrained)).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"model.pretrained={self.pretrained}: no config.json there; give an HF model folder "
-                                  f"(config.json + model.safetensors)")
-            if not any(folder.glob("*.safetensors")):
-                raise ConfigError(f"model.pretrained={self.pretrained}: no *.safetensors weights there (dsmoe loads "
-                                  f"no pickles); save the model with save_pretrained(safe_serialization=True)")
+            folder = pretrained_folder(self.pretrained)
             self.folder = folder
             base = AutoConfig.from_pretrained(folder)
             if self.architecture is not None and self.architecture != base.model_type:
@@ -240,12 +250,35 @@ class HFCausalLMSpec(TrainableLM):
         return f"{self.architecture} (transformers)" + (f" from {self.folder}" if self.folder else "")
 
 
+def pretrained_folder(value) -> Path:
+    """``model.pretrained``: an HF folder with config.json and safetensors weights, or a ConfigError."""
+    folder = Path(str(value)).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={value}: no config.json there; give an HF model folder "
+                          f"(config.json + model.safetensors)")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"model.pretrained={value}: no *.safetensors weights there (dsmoe loads no pickles); "
+                          f"save the model with save_pretrained(safe_serialization=True)")
+    return folder
+
+
 def parse_model_section(section: dict[str, Any]) -> TrainableLM:
     """The ``model:`` section as the model kind the trainer will train."""
     if not isinstance(section, dict):
         raise ConfigError(f"model={section!r}: expected a mapping of model keys")
     arch = section.get("architecture")
-    if arch in (None, "routed_lm") and "pretrained" not in section:
+    if "pretrained" in section:
+        folder = pretrained_folder(section["pretrained"])
+        saved_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        from dsmoe.models import RoutedLMConfig
+        if saved_type == RoutedLMConfig.model_type:
+            if arch not in (None, "routed_lm"):
+                raise ConfigError(f"model.architecture={arch}: the folder {folder} holds a RoutedLM; drop "
+                                  f"model.architecture")
+            return RoutedLMSpec({k: v for k, v in section.items() if k not in ("architecture", "pretrained")},
+                                folder)
+        return HFCausalLMSpec(section)
+    if arch in (None, "routed_lm"):
         return RoutedLMSpec({k: v for k, v in section.items() if k != "architecture"})
     return HFCausalLMSpec(section)
 

@@ -126,6 +126,7 @@ class Trainer:
         setup_expert_parallel(model, self.ep, self.zero_stage)
         model.to(self.dist.device)
         self._build_engine(model)
+        self.engine.train()                  # from_pretrained hands models over in eval mode
         self.start_step = 0
         t = self.cfg.train
         self.loader = self.data.train_loader(t.micro_batch_size, rank=self.dist.rank,
