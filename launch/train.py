@@ -4,6 +4,7 @@
   python launch/train.py                                   # quick start: debug mode, packaged data, CPU ok
   python launch/train.py --config launch/configs/X.yaml --debug [section.key=value ...]
   deepspeed --num_gpus 8 launch/train.py --config launch/configs/X.yaml parallel.expert_parallel_size=8
+  python launch/train.py --config X.yaml slices.ranges=[1790-1849,1850-1949,1950-2026]   # one expert per slice
 
 Re-running the same command resumes from the newest checkpoint in train.output_dir.
 """
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("deepspeed=ds_configs/debug.json")
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-        from dsmoe.training.trainer import Trainer
-        summary = Trainer(cfg, debug=args.debug).run()
+        if cfg.slices.ranges:                      # slice experts (+ baseline), one run each
+            from dsmoe.training.slices import train_slices
+            summary = train_slices(cfg, debug=args.debug)
+        else:
+            from dsmoe.training.trainer import Trainer
+            summary = Trainer(cfg, debug=args.debug).run()
     except (ConfigError, CheckpointError) as e:
         print(f"dsmoe: error: {e}", file=sys.stderr)
         return 2

@@ -167,3 +167,23 @@ def test_sigterm_checkpoints_and_requeues(tmp_path, fake_slurm):
     assert latest_step(out) == s["steps"]
     assert "REQUEUE 4242" in log.read_text(), log.read_text()
     assert "received SIGTERM" in text and "requeueing job 4242" in text, text[-3000:]
+
+
+def test_slice_experts_job_array_task(tmp_path, fake_slurm):
+    """slurm/train_slices.sbatch as array task 1 of [1790-1899, 1900-2026] (+ baseline): only that slice trains
+    (2 ranks, EP=2), its HF folder carries the slice, and a finished task is not requeued."""
+    make_env, log = fake_slurm
+    out = tmp_path / "slices"
+    env = make_env(["localhost"], out, ["train.max_steps=2", "slices.ranges=[1790-1899,1900-2026]"], 2)
+    env["SLURM_ARRAY_TASK_ID"] = "1"
+    proc = sbatch("train_slices.sbatch", env)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    conf = json.loads((out / "experts" / "1900-2026" / "hf" / "config.json").read_text())
+    assert conf["time_slice"]["start"] == 1900
+    assert not (out / "experts" / "1790-1899").exists() and not (out / "baseline").exists()
+    assert summary(out) == {"stopped_early": False, "runs": ["1900-2026"]}
+    assert "REQUEUE" not in log.read_text() and "training finished" in proc.stdout
+    no_array = {k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_ID"}
+    bad = subprocess.run(["bash", "slurm/train_slices.sbatch"], cwd=REPO_ROOT, env=no_array, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "job array" in bad.stderr

@@ -86,6 +86,59 @@ class ParallelConfig:
     """Ranks that share one copy of the experts (each holds E/ep of them); must divide the world size."""
 
 
+@dataclass(frozen=True)
+class TimeSlice:
+    name: str
+    start: int
+    end: int
+
+
+@dataclass
+class SlicesConfig:
+    """Slice experts: one model per time slice of a dated corpus, trained on that slice's documents only, with
+    one shared tokenizer (empty ``ranges``: one ordinary run)."""
+
+    ranges: list = field(default_factory=list)
+    """Inclusive year ranges, e.g. ["1790-1849", "1850-1899", "1900-1949", "1950-2026"]: ordered and
+    non-overlapping; one expert each, named by its range."""
+    baseline: bool = True
+    """Also train one model on all slices together with the experts' total number of training steps."""
+    only: str | None = None
+    """Train only this slice (its name or 0-based index) or "baseline": one task of a job array. None: all,
+    one after the other."""
+
+    def parsed(self) -> list[TimeSlice]:
+        if not isinstance(self.ranges, (list, tuple)):
+            raise ConfigError(f"slices.ranges={self.ranges!r}: expected a list of START-END year ranges")
+        out: list[TimeSlice] = []
+        for i, r in enumerate(self.ranges):
+            text = str(r).replace(" ", "")
+            parts = text.split("-")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ConfigError(f"slices.ranges[{i}]={r!r}: expected START-END years, e.g. 1790-1849")
+            start, end = int(parts[0]), int(parts[1])
+            if start > end:
+                raise ConfigError(f"slices.ranges[{i}]={r!r}: starts after it ends")
+            if out and start <= out[-1].end:
+                raise ConfigError(f"slices.ranges[{i}]={r!r}: overlaps or precedes {out[-1].name}; list the slices "
+                                  f"in order, without overlap")
+            out.append(TimeSlice(f"{start}-{end}", start, end))
+        return out
+
+    def selected(self) -> list[str]:
+        """Names of the runs to do now: the slices (or the one of ``only``), then "baseline"."""
+        names = [s.name for s in self.parsed()]
+        runs = names + (["baseline"] if self.baseline else [])
+        if self.only is None:
+            return runs
+        only = str(self.only)
+        if only.isdigit() and int(only) < len(runs):
+            return [runs[int(only)]]
+        if only in runs:
+            return [only]
+        raise ConfigError(f"slices.only={self.only!r}: not one of {runs} or an index below {len(runs)}")
+
+
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +147,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slices: SlicesConfig = field(default_factory=SlicesConfig)
     deepspeed: str = "ds_configs/debug.json"
     """Path of a DeepSpeed JSON config (relative paths: the working directory, then the dsmoe repo)."""
     lm: TrainableLM | None = field(default=None, repr=False, compare=False)
@@ -101,8 +155,11 @@ class RunConfig:
     trainer trains; the trainer fills in what the data decides (vocabulary size, special tokens, context length)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
-                "parallel": dataclasses.asdict(self.parallel), "deepspeed": self.deepspeed}
+        out = {"model": dict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
+               "parallel": dataclasses.asdict(self.parallel), "deepspeed": self.deepspeed}
+        if self.slices.ranges:
+            out["slices"] = dataclasses.asdict(self.slices)
+        return out
 
     def deepspeed_path(self) -> Path:
         return resolve_path(self.deepspeed, "deepspeed")
@@ -202,8 +259,8 @@ def read_config_tree(path: str | os.PathLike | None, overrides: list[str] | None
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults) and apply ``key=value`` overrides."""
-    tree = read_config_tree(path, overrides, "model, data, train, parallel")
-    sections = {"model", "data", "train", "parallel", "deepspeed"}
+    tree = read_config_tree(path, overrides, "model, data, train, parallel, slices")
+    sections = {"model", "data", "train", "parallel", "slices", "deepspeed"}
     for k in tree:
         if k not in sections:
             raise ConfigError(f"{k}: unknown section (known: {', '.join(sorted(sections))})")
@@ -215,6 +272,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data=build_section("data", DataConfig, tree.get("data") or {}),
         train=build_section("train", TrainConfig, tree.get("train") or {}),
         parallel=build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
+        slices=build_section("slices", SlicesConfig, tree.get("slices") or {}),
         deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
     )
     validate(cfg)
@@ -231,6 +289,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.lr={t.lr}: must be > 0")
     if ep <= 0:
         raise ConfigError(f"parallel.expert_parallel_size={ep}: must be a positive integer")
+    if cfg.slices.ranges:
+        cfg.slices.parsed()
+        cfg.slices.selected()
     if t.trainable not in TRAINABLE:
         raise ConfigError(f"train.trainable={t.trainable!r}: must be one of {TRAINABLE}")
     if cfg.lm is None:

@@ -1,0 +1,60 @@
+"""Slice experts from one command (launch/train.py with slices.ranges): a shared tokenizer, one run per slice on
+its years only, the all-slices baseline with the experts' total steps, HF folders that carry their slice and mix
+in ExpertMixtureForCausalLM; re-running skips finished runs; slices.only picks one job-array task."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from train_utils import train_debug
+
+SLICES = "slices.ranges=[1790-1899,1900-2026]"
+
+
+def test_slice_experts_baseline_and_mixture(tmp_path):
+    out = tmp_path / "sl"
+    train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false")
+    index = json.loads((out / "slices.json").read_text())
+    assert list(index) == ["1790-1899", "1900-2026", "baseline"]
+    assert index["baseline"]["steps"] == 8 and index["1790-1899"]["steps"] == 4
+    tok = (out / "tokenizer" / "tokenizer.json").read_text()
+    slices = []
+    for name, (lo, hi) in (("1790-1899", (1790, 1899)), ("1900-2026", (1900, 2026))):
+        hf = out / "experts" / name / "hf"
+        conf = json.loads((hf / "config.json").read_text())
+        assert conf["time_slice"] == {"name": name, "start": lo, "end": hi}
+        run = json.loads((hf / "dsmoe_run.json").read_text())["config"]
+        assert (run["data"]["year_min"], run["data"]["year_max"]) == (lo, hi)       # its own years only
+        assert (hf / "tokenizer.json").read_text() == tok                          # one shared vocabulary
+        slices.append((lo, hi))
+    base = json.loads((out / "baseline" / "hf" / "dsmoe_run.json").read_text())["config"]
+    assert (base["data"]["year_min"], base["data"]["year_max"]) == (1790, 2026)
+    assert json.loads((out / "baseline" / "hf" / "config.json").read_text()).get("time_slice") is None
+
+    import dsmoe  # noqa: F401
+    from dsmoe.mixtures import ExpertMixtureForCausalLM
+    mix = ExpertMixtureForCausalLM.from_experts([str(out / "experts" / n / "hf") for n in index if n != "baseline"],
+                                                slices=slices, combine="logprob")
+    ids = torch.randint(0, 512, (2, 12))
+    w = mix(ids, date=1850, mode="equal").expert_weights
+    assert torch.all(w[..., 1] == 0) and torch.allclose(w[..., 0], torch.ones_like(w[..., 0]))
+
+    # the same command again: every run is finished, nothing is retrained or lost
+    before = sorted(p.name for p in (out / "experts" / "1790-1899" / "checkpoints").iterdir())
+    proc = train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false")
+    assert "already at train.max_steps" in proc.stdout
+    assert sorted(p.name for p in (out / "experts" / "1790-1899" / "checkpoints").iterdir()) == before
+
+
+def test_only_one_slice_and_bad_slices(tmp_path):
+    out = tmp_path / "one"
+    train_debug(out, SLICES, "slices.only=1", "train.max_steps=2", "train.plots=false")
+    assert (out / "experts" / "1900-2026" / "hf" / "config.json").exists()
+    assert not (out / "experts" / "1790-1899").exists() and not (out / "baseline").exists()
+    for ranges, needle in (("[1790-1899,1850-2026]", "slices.ranges[1]='1850-2026': overlaps or precedes 1790-1899"),
+                           ("[1600-1700,1790-2026]", "slices.ranges[0]=1600-1700: no documents"),
+                           ("[1900-1800]", "slices.ranges[0]='1900-1800': starts after it ends")):
+        proc = train_debug(tmp_path / "bad", f"slices.ranges={ranges}", "train.max_steps=2", check=False)
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("dsmoe: error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-1500:]
