@@ -23,19 +23,20 @@ def test_slice_experts_baseline_and_mixture(tmp_path):
     for name, (lo, hi) in (("1790-1899", (1790, 1899)), ("1900-2026", (1900, 2026))):
         hf = out / "experts" / name / "hf"
         conf = json.loads((hf / "config.json").read_text())
-        assert conf["time_slice"] == {"name": name, "start": lo, "end": hi}
+        assert conf["dsmoe_slice"] == {"name": name, "start_year": lo, "end_year": hi}
         run = json.loads((hf / "dsmoe_run.json").read_text())["config"]
         assert (run["data"]["year_min"], run["data"]["year_max"]) == (lo, hi)       # its own years only
         assert (hf / "tokenizer.json").read_text() == tok                          # one shared vocabulary
         slices.append((lo, hi))
     base = json.loads((out / "baseline" / "hf" / "dsmoe_run.json").read_text())["config"]
     assert (base["data"]["year_min"], base["data"]["year_max"]) == (1790, 2026)
-    assert json.loads((out / "baseline" / "hf" / "config.json").read_text()).get("time_slice") is None
+    assert json.loads((out / "baseline" / "hf" / "config.json").read_text()).get("dsmoe_slice") is None
 
     import dsmoe  # noqa: F401
     from dsmoe.mixtures import ExpertMixtureForCausalLM
     mix = ExpertMixtureForCausalLM.from_experts([str(out / "experts" / n / "hf") for n in index if n != "baseline"],
-                                                slices=slices, combine="logprob")
+                                                combine="logprob")           # slices and names from the folders
+    assert mix.config.slices == [list(s) for s in slices] and mix.config.expert_names == ["1790-1899", "1900-2026"]
     ids = torch.randint(0, 512, (2, 12))
     w = mix(ids, date=1850, mode="equal").expert_weights
     assert torch.all(w[..., 1] == 0) and torch.allclose(w[..., 0], torch.ones_like(w[..., 0]))

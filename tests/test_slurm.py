@@ -179,7 +179,7 @@ def test_slice_experts_job_array_task(tmp_path, fake_slurm):
     proc = sbatch("train_slices.sbatch", env)
     assert proc.returncode == 0, proc.stdout[-6000:]
     conf = json.loads((out / "experts" / "1900-2026" / "hf" / "config.json").read_text())
-    assert conf["time_slice"]["start"] == 1900
+    assert conf["dsmoe_slice"]["start_year"] == 1900
     assert not (out / "experts" / "1790-1899").exists() and not (out / "baseline").exists()
     assert summary(out) == {"stopped_early": False, "runs": ["1900-2026"]}
     assert "REQUEUE" not in log.read_text() and "training finished" in proc.stdout

@@ -130,9 +130,9 @@ class RoutedLMConfig(PreTrainedConfig):
     """Re-initialise every router (weights and expert bias) once, at the first training step >= this."""
     moe_backend: str = "dsmoe"
     """"dsmoe" (own dispatcher, grouped GEMM) or "deepspeed" (deepspeed.moe.layer.MoE)."""
-    time_slice: dict | None = None
-    """Metadata: the time slice a slice expert was trained on ({"name", "start", "end"}), written by the
-    trainer's slice-expert runs (``slices.ranges``) and read by expert mixtures; no effect on the model."""
+    dsmoe_slice: dict | None = None
+    """Metadata: the time slice a slice expert was trained on ({"name", "start_year", "end_year"}), written by
+    the trainer's slice-expert runs (``slices.ranges``) and read by expert mixtures; no effect on the model."""
     moe_expert_kernel: str = "auto"
     """dsmoe backend: how routed experts multiply their rows, "auto" (grouped GEMM), "grouped", "padded",
     "adaptive" (on CPU, keeps whichever of grouped/padded its own timings favour: fast on a busy machine, not

@@ -7,8 +7,8 @@ A run config with ``slices.ranges`` (e.g. ``[1790-1849, 1850-1899, 1900-1949, 19
   training documents of all slices together (the BPE of ``data.tokenizer: bpe``) or the one configured;
 - ``OUTPUT/experts/<start>-<end>/``: an ordinary run (checkpoints, metrics, resume) on that slice's documents
   only (``data.year_min/year_max`` = the slice), and its HF folder ``.../hf`` (weights, tokenizer, and the slice
-  in ``config.json`` under ``time_slice``: name, start, end), ready for
-  ``ExpertMixtureForCausalLM.from_experts``;
+  in ``config.json`` under ``dsmoe_slice``: name, start_year, end_year), from which
+  ``ExpertMixtureForCausalLM.from_experts(folders)`` takes the slices and names;
 - ``OUTPUT/baseline/``: one model of the same config on all slices with the experts' total training steps
   (``train.max_steps`` x the number of slices), for the comparison.
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .config import ConfigError, RunConfig, TimeSlice
 
 log = logging.getLogger("dsmoe.train")
-SLICE_KEY = "time_slice"
+SLICE_KEY = "dsmoe_slice"          # the key ExpertMixtureForCausalLM.from_experts reads
 
 
 def slice_run_config(cfg: RunConfig, name: str, tokenizer: Path) -> RunConfig:
@@ -84,7 +84,7 @@ def export_expert(run_dir: Path, time_slice: TimeSlice | None) -> Path:
     if time_slice is not None:
         cfg_file = hf / "config.json"
         conf = json.loads(cfg_file.read_text())
-        conf[SLICE_KEY] = {"name": time_slice.name, "start": time_slice.start, "end": time_slice.end}
+        conf[SLICE_KEY] = {"name": time_slice.name, "start_year": time_slice.start, "end_year": time_slice.end}
         cfg_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     return hf
 
