@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("deepspeed=ds_configs/debug.json")
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-        if cfg.slices.ranges:                      # slice experts (+ baseline), one run each
-            from dsmoe.training.slices import train_slices
-            summary = train_slices(cfg, debug=args.debug)
+        if cfg.slices.ranges:                      # slice experts (+ baseline), then their mixture and its table
+            from dsmoe.mixtures.time_pipeline import run_time_mixture
+            summary = run_time_mixture(cfg, debug=args.debug)
         else:
             from dsmoe.training.trainer import Trainer
             summary = Trainer(cfg, debug=args.debug).run()

@@ -14,7 +14,13 @@ SLICES = "slices.ranges=[1790-1899,1900-2026]"
 
 def test_slice_experts_baseline_and_mixture(tmp_path):
     out = tmp_path / "sl"
-    train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false")
+    proc = train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false",
+                       "mixture.gate_steps=5")
+    # ... and the mixture of the experts, its gate trained on the training documents, the table on held-out ones
+    table = json.loads((out / "mixture" / "mixture_eval.json").read_text())
+    rows = {r["name"] for r in table["rows"]}
+    assert {"expert:1790-1899", "expert:1900-2026", "dense", "equal", "router", "argmax", "oracle"} <= rows, rows
+    assert "scored tokens" in proc.stdout and (out / "mixture" / "mixture_eval.png").stat().st_size > 0
     index = json.loads((out / "slices.json").read_text())
     assert list(index) == ["1790-1899", "1900-2026", "baseline"]
     assert index["baseline"]["steps"] == 8 and index["1790-1899"]["steps"] == 4
@@ -43,15 +49,19 @@ def test_slice_experts_baseline_and_mixture(tmp_path):
 
     # the same command again: every run is finished, nothing is retrained or lost
     before = sorted(p.name for p in (out / "experts" / "1790-1899" / "checkpoints").iterdir())
-    proc = train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false")
+    proc = train_debug(out, SLICES, "train.max_steps=4", "train.save_every=4", "train.plots=false",
+                       "mixture.gate_steps=5")
     assert "already at train.max_steps" in proc.stdout
+    again = json.loads((out / "mixture" / "mixture_eval.json").read_text())
+    assert again["rows"] == table["rows"]                                   # the same table (seeded gate)
     assert sorted(p.name for p in (out / "experts" / "1790-1899" / "checkpoints").iterdir()) == before
 
 
 def test_only_one_slice_and_bad_slices(tmp_path):
     out = tmp_path / "one"
-    train_debug(out, SLICES, "slices.only=1", "train.max_steps=2", "train.plots=false")
+    proc = train_debug(out, SLICES, "slices.only=1", "train.max_steps=2", "train.plots=false")
     assert (out / "experts" / "1900-2026" / "hf" / "config.json").exists()
+    assert "mixture: waiting for 1790-1899, baseline" in proc.stdout and not (out / "mixture").exists()
     assert not (out / "experts" / "1790-1899").exists() and not (out / "baseline").exists()
     for ranges, needle in (("[1790-1899,1850-2026]", "slices.ranges[1]='1850-2026': overlaps or precedes 1790-1899"),
                            ("[1600-1700,1790-2026]", "slices.ranges[0]=1600-1700: no documents"),
@@ -59,3 +69,6 @@ def test_only_one_slice_and_bad_slices(tmp_path):
         proc = train_debug(tmp_path / "bad", f"slices.ranges={ranges}", "train.max_steps=2", check=False)
         lines = [x for x in proc.stderr.splitlines() if x.startswith("dsmoe: error:")]
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-1500:]
+
+    proc = train_debug(tmp_path / "bad", SLICES, "mixture.top_k=3", check=False)
+    assert proc.returncode == 2 and "mixture.top_k=3: must be between 1 and the number of slices (2)" in proc.stderr

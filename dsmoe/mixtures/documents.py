@@ -20,11 +20,14 @@ log = logging.getLogger("dsmoe.mixtures")
 
 
 def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
-                       output_dir: str | Path | None = None) -> tuple[list[EvalDocument], float]:
-    """(validation documents with their slice, mean year of the training documents) of ``cfg``'s source.
+                       output_dir: str | Path | None = None, split: str = "val") -> tuple[list[EvalDocument], float]:
+    """(validation documents with their slice, mean year of the training documents) of ``cfg``'s source;
+    ``split="train"`` gives the training documents instead (for training a gate on them).
 
     Documents whose year lies in no slice are left out; a slice with no training or no held-out document is a
     ValueError naming it."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split={split!r}: must be 'val' or 'train'")
     docs = load_documents(cfg, resolve_cache_dir(cfg, output_dir) / "hf_datasets")
     if "year" not in docs.column_names:
         raise ValueError(f"data.year_field={cfg.year_field!r} is not a column of data.source={cfg.source!r}; the "
@@ -35,7 +38,7 @@ def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
     def slice_of(y):
         return next((k for k, s in enumerate(slices) if y is not None and s[0] <= y <= s[1]), None)
 
-    for split, idx in (("training", train_idx), ("held-out", val_idx)):
+    for part, idx in (("training", train_idx), ("held-out", val_idx)):
         counts = [0] * len(slices)
         for i in idx:
             k = slice_of(years[i])
@@ -43,20 +46,21 @@ def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
                 counts[k] += 1
         empty = [slices[k] for k, c in enumerate(counts) if c == 0]
         if empty:
-            raise ValueError(f"slice {empty[0]} has no {split} documents in data.source={cfg.source!r} (documents "
+            raise ValueError(f"slice {empty[0]} has no {part} documents in data.source={cfg.source!r} (documents "
                              f"per slice {counts}); widen that slice or raise data.max_documents / "
                              "data.val_fraction")
     train_years = [years[i] for i in train_idx if slice_of(years[i]) is not None]
     out = []
     eos = tokenizer.eos_token_id
-    texts = docs.select(val_idx)["text"]
-    for i, text in zip(val_idx, texts):
+    chosen = val_idx if split == "val" else train_idx
+    texts = docs.select(chosen)["text"]
+    for i, text in zip(chosen, texts):
         k = slice_of(years[i])
         if k is None:
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         out.append(EvalDocument(([eos] if eos is not None else []) + ids, int(years[i]), k))
-    skipped = len(val_idx) - len(out)
+    skipped = len(chosen) - len(out)
     if skipped:
         log.info("%d held-out documents lie in no slice and are not scored", skipped)
     return out, sum(train_years) / len(train_years)

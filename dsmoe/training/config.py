@@ -140,6 +140,31 @@ class SlicesConfig:
 
 
 @dataclass
+class MixtureStageConfig:
+    """After the slice experts (``slices.ranges``): mix them, train the gate over the frozen experts and print
+    the comparison table on every slice's held-out documents."""
+
+    enabled: bool = True
+    """Run this stage once every slice expert (and the baseline) is trained."""
+    combine: str = "logprob"
+    """"logprob" (a proper mixture of the experts' distributions) or "logits" (weighted sum of logits)."""
+    date_policy: str = "start"
+    """Experts usable for a query date: "start" (slice starts at or before it) or "end" (no text after it)."""
+    top_k: int | None = None
+    """Keep only the top-k router weights (renormalised); None = all usable experts."""
+    router_hidden_size: int = 64
+    """Width of the causal router MLP."""
+    gate_objective: str = "mixture_nll"
+    """"mixture_nll" (the mixture's NLL + router regularisers) or "slice_ce" (a slice classifier)."""
+    gate_steps: int = 100
+    """Gate optimizer steps over windows of the slices' training documents."""
+    gate_lr: float = 3e-3
+    """Gate AdamW learning rate."""
+    batch_size: int = 8
+    """Windows per batch, for gate training and evaluation."""
+
+
+@dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of :class:`dsmoe.models.RoutedLMConfig` (vocab_size is taken from the tokenizer); or
@@ -148,6 +173,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     slices: SlicesConfig = field(default_factory=SlicesConfig)
+    mixture: MixtureStageConfig = field(default_factory=MixtureStageConfig)
     deepspeed: str = "ds_configs/debug.json"
     """Path of a DeepSpeed JSON config (relative paths: the working directory, then the dsmoe repo)."""
     lm: TrainableLM | None = field(default=None, repr=False, compare=False)
@@ -159,6 +185,7 @@ class RunConfig:
                "parallel": dataclasses.asdict(self.parallel), "deepspeed": self.deepspeed}
         if self.slices.ranges:
             out["slices"] = dataclasses.asdict(self.slices)
+            out["mixture"] = dataclasses.asdict(self.mixture)
         return out
 
     def deepspeed_path(self) -> Path:
@@ -259,8 +286,8 @@ def read_config_tree(path: str | os.PathLike | None, overrides: list[str] | None
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults) and apply ``key=value`` overrides."""
-    tree = read_config_tree(path, overrides, "model, data, train, parallel, slices")
-    sections = {"model", "data", "train", "parallel", "slices", "deepspeed"}
+    tree = read_config_tree(path, overrides, "model, data, train, parallel, slices, mixture")
+    sections = {"model", "data", "train", "parallel", "slices", "mixture", "deepspeed"}
     for k in tree:
         if k not in sections:
             raise ConfigError(f"{k}: unknown section (known: {', '.join(sorted(sections))})")
@@ -273,6 +300,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         train=build_section("train", TrainConfig, tree.get("train") or {}),
         parallel=build_section("parallel", ParallelConfig, tree.get("parallel") or {}),
         slices=build_section("slices", SlicesConfig, tree.get("slices") or {}),
+        mixture=build_section("mixture", MixtureStageConfig, tree.get("mixture") or {}),
         deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
     )
     validate(cfg)
@@ -292,6 +320,17 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if cfg.slices.ranges:
         cfg.slices.parsed()
         cfg.slices.selected()
+        m = cfg.mixture
+        for name, allowed in (("combine", ("logprob", "logits")), ("date_policy", ("start", "end")),
+                              ("gate_objective", ("mixture_nll", "slice_ce"))):
+            if getattr(m, name) not in allowed:
+                raise ConfigError(f"mixture.{name}={getattr(m, name)!r}: must be one of {allowed}")
+        for name in ("router_hidden_size", "gate_steps", "batch_size"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"mixture.{name}={getattr(m, name)}: must be a positive integer")
+        n = len(cfg.slices.ranges)
+        if m.top_k is not None and not 1 <= m.top_k <= n:
+            raise ConfigError(f"mixture.top_k={m.top_k}: must be between 1 and the number of slices ({n})")
     if t.trainable not in TRAINABLE:
         raise ConfigError(f"train.trainable={t.trainable!r}: must be one of {TRAINABLE}")
     if cfg.lm is None:
