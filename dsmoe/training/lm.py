@@ -227,6 +227,8 @@ class HFCausalLMSpec(TrainableLM):
                                       f"{seq_len}; lower data.seq_len")
                 setattr(cfg, key, max(have, seq_len))
         cfg.use_cache = False
+        if hasattr(cfg, "loss_type") and cfg.loss_type is None:
+            cfg.loss_type = "ForCausalLM"        # what transformers picks anyway, without its warning
         return cfg
 
     def build(self, config):
