@@ -23,9 +23,9 @@ import torch
 log = logging.getLogger("dsmoe.mixtures")
 
 
-def gate_batches(docs, seq_len: int, batch_size: int) -> list[dict]:
-    """Full windows of ``seq_len`` tokens of ``docs`` (EvalDocuments), batched with each window's date (the
-    document's year) and gold slice."""
+def gate_batches(docs, seq_len: int, batch_size: int, dates: bool = False) -> list[dict]:
+    """Full windows of ``seq_len`` tokens of ``docs`` (EvalDocuments), batched with each window's gold slice
+    (and, with ``dates``, its document's year as the query date)."""
     rows = []
     for doc in docs:
         for start in range(0, len(doc.ids) - seq_len + 1, seq_len):
@@ -35,9 +35,10 @@ def gate_batches(docs, seq_len: int, batch_size: int) -> list[dict]:
     batches = []
     for i in range(0, len(order) - batch_size + 1, batch_size):
         chunk = [rows[j] for j in order[i:i + batch_size]]
-        batches.append({"input_ids": torch.tensor([c[0] for c in chunk]),
-                        "date": torch.tensor([c[1] for c in chunk]),
-                        "slice_labels": torch.tensor([c[2] for c in chunk])})
+        batch = {"input_ids": torch.tensor([c[0] for c in chunk]), "slice_labels": torch.tensor([c[2] for c in chunk])}
+        if dates:
+            batch["date"] = torch.tensor([c[1] for c in chunk])
+        batches.append(batch)
     return batches
 
 
@@ -61,7 +62,7 @@ def build_mixture(cfg, out: Path):
     data_cfg = replace(cfg.data, year_min=slices[0].start, year_max=slices[-1].end, tokenizer=str(out / "tokenizer"))
     train_docs, _ = held_out_documents(data_cfg, tok, model.config.slices, output_dir=out / "tokenizer_data",
                                        split="train")
-    batches = gate_batches(train_docs, cfg.data.seq_len, m.batch_size)
+    batches = gate_batches(train_docs, cfg.data.seq_len, m.batch_size, m.gate_dates)
     if not batches:
         raise ValueError(f"the slices' training documents give no full window of data.seq_len={cfg.data.seq_len} "
                          f"tokens for mixture.batch_size={m.batch_size}; lower one of them")

@@ -160,6 +160,11 @@ class MixtureStageConfig:
     """Gate optimizer steps over windows of the slices' training documents."""
     gate_lr: float = 3e-3
     """Gate AdamW learning rate."""
+    gate_dates: bool = False
+    """Give each training window its document's year as the query date. With dates, the time mask hides every
+    expert of a later slice, so on early documents the router is never asked to choose and learns only to
+    prefer the latest usable expert; without (the default) it learns to tell the slices apart from the text,
+    and the time mask still applies whenever a date is given at inference."""
     batch_size: int = 8
     """Windows per batch, for gate training and evaluation."""
 
