@@ -97,21 +97,16 @@ def evaluate(cfg, out: Path, model, tok, data_cfg):
 
 def run_time_mixture(cfg, debug: bool = False) -> dict:
     """Slice experts + baseline, then (when every run is finished) the mixture, its gate and the table."""
-    import torch.distributed as dist
-
-    from dsmoe.training.slices import train_slices
+    from dsmoe.training.slices import process_rank, run_dir, train_slices
 
     results = train_slices(cfg, debug=debug)
     out = Path(cfg.train.output_dir)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     runs = [s.name for s in cfg.slices.parsed()] + (["baseline"] if cfg.slices.baseline else [])
-    finished = all((out / ("baseline" if r == "baseline" else f"experts/{r}") / "hf" / "config.json").exists()
-                   for r in runs)
-    if rank == 0 and cfg.mixture.enabled and finished:
+    missing = [r for r in runs if not (run_dir(out, r) / "hf" / "config.json").exists()]
+    if process_rank() == 0 and cfg.mixture.enabled and not missing:
         model, tok, data_cfg = build_mixture(cfg, out)
         results["mixture"] = evaluate(cfg, out, model, tok, data_cfg).to_dict()
-    elif rank == 0 and cfg.mixture.enabled:
-        missing = [r for r in runs if not (out / ("baseline" if r == "baseline" else f"experts/{r}") / "hf").exists()]
+    elif process_rank() == 0 and cfg.mixture.enabled:
         log.info("mixture: waiting for %s; re-run the command (or the remaining job-array tasks) to build it",
                  ", ".join(missing))
     return results

@@ -193,7 +193,6 @@ class HFCausalLMSpec(TrainableLM):
             if k not in known:
                 from dsmoe.suggest import did_you_mean
                 raise ConfigError(f"model.{k}: not a {self.architecture} config key{did_you_mean(k, known)}")
-        self.base = base
         try:
             self.config = self._configured(base)
         except (TypeError, ValueError) as e:
@@ -236,10 +235,9 @@ class HFCausalLMSpec(TrainableLM):
 
         if self.folder is None:
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        pre = json.loads((self.folder / "config.json").read_text())
         model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32, use_safetensors=True,
-                                                     **{k: v for k, v in self.overrides.items()})
-        if config.vocab_size > pre.get("vocab_size", config.vocab_size):
+                                                     **self.overrides)
+        if config.vocab_size > model.config.vocab_size:      # the tokenizer outgrew the folder's vocabulary
             model.resize_token_embeddings(config.vocab_size)
         model.config.use_cache = False
         return model

@@ -34,19 +34,29 @@ log = logging.getLogger("dsmoe.train")
 SLICE_KEY = "dsmoe_slice"          # the key ExpertMixtureForCausalLM.from_experts reads
 
 
+def process_rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def run_dir(output_dir: str | Path, name: str) -> Path:
+    """Where run ``name`` (a slice name or "baseline") trains: ``OUTPUT/baseline`` or ``OUTPUT/experts/<name>``."""
+    return Path(output_dir) / "baseline" if name == "baseline" else Path(output_dir) / "experts" / name
+
+
 def slice_run_config(cfg: RunConfig, name: str, tokenizer: Path) -> RunConfig:
     """The run config of one slice (or of ``"baseline"``)."""
     slices = cfg.slices.parsed()
-    out = Path(cfg.train.output_dir)
     sub = copy.deepcopy(cfg)
     sub.slices = replace(cfg.slices, ranges=[], only=None)
+    folder = str(run_dir(cfg.train.output_dir, name))
     if name == "baseline":
         lo, hi = slices[0].start, slices[-1].end
-        sub.train = replace(cfg.train, output_dir=str(out / "baseline"), max_steps=cfg.train.max_steps * len(slices))
+        sub.train = replace(cfg.train, output_dir=folder, max_steps=cfg.train.max_steps * len(slices))
     else:
         s = next(x for x in slices if x.name == name)
         lo, hi = s.start, s.end
-        sub.train = replace(cfg.train, output_dir=str(out / "experts" / name))
+        sub.train = replace(cfg.train, output_dir=folder)
     sub.data = replace(cfg.data, year_min=lo, year_max=hi, tokenizer=str(tokenizer))
     return sub
 
@@ -57,8 +67,7 @@ def shared_tokenizer(cfg: RunConfig) -> Path:
 
     slices = cfg.slices.parsed()
     folder = Path(cfg.train.output_dir) / "tokenizer"
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0 and not (folder / "tokenizer_config.json").exists():
+    if process_rank() == 0 and not (folder / "tokenizer_config.json").exists():
         data_cfg = replace(cfg.data, year_min=slices[0].start, year_max=slices[-1].end)
         data = build_data(data_cfg, output_dir=Path(cfg.train.output_dir) / "tokenizer_data")
         tmp = folder.with_name(f"tokenizer.tmp{os.getpid()}")     # job-array tasks may race: each its own
@@ -96,7 +105,8 @@ def train_slices(cfg: RunConfig, debug: bool = False) -> dict[str, dict]:
     slices = {s.name: s for s in cfg.slices.parsed()}
     tokenizer = shared_tokenizer(cfg)
     results = {}
-    for name in cfg.slices.selected():
+    selected = cfg.slices.selected()
+    for name in selected:
         sub = slice_run_config(cfg, name, tokenizer)
         label = "baseline (all slices)" if name == "baseline" else f"slice {name}"
         log.info("== %s -> %s (%d steps)", label, sub.train.output_dir, sub.train.max_steps)
@@ -108,20 +118,19 @@ def train_slices(cfg: RunConfig, debug: bool = False) -> dict[str, dict]:
                 raise ConfigError(f"slices.ranges[{i}]={name}: no documents of data.source in these years; "
                                   f"remove or widen the slice") from None
             raise
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         entry = dict(summary.__dict__)
-        if rank == 0 and not summary.stopped_early:
+        if process_rank() == 0 and not summary.stopped_early:
             entry["hf"] = str(export_expert(Path(sub.train.output_dir), slices.get(name)))
         results[name] = entry
         if summary.stopped_early:
             break
-    if (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0) == 0:
+    if process_rank() == 0:
         root = Path(cfg.train.output_dir)
         index = root / "slices.json"
         old = json.loads(index.read_text()) if index.exists() else {}
         old.update(results)
         index.write_text(json.dumps(old, indent=1))
         # what a job script checks to decide on a requeue: stopped early = some selected run is unfinished
-        stopped = any(r.get("stopped_early") for r in results.values()) or len(results) < len(cfg.slices.selected())
+        stopped = any(r.get("stopped_early") for r in results.values()) or len(results) < len(selected)
         (root / "summary.json").write_text(json.dumps({"stopped_early": stopped, "runs": list(results)}, indent=1))
     return results
