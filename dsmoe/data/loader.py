@@ -44,7 +44,8 @@ class PackedLoader:
     a loader restored from it yields exactly the batches an uninterrupted one would have.
 
     ``rank``/``world_size`` are the *data-parallel* rank and size; by default they are read from
-    ``torch.distributed`` when it is initialised, else (0, 1).
+    ``torch.distributed`` when it is initialised, else (0, 1). ``scored`` (a BoolTensor shaped like
+    ``blocks``) marks the tokens that are training targets; the others (prompt prefixes) get the label -100.
     """
 
     def __init__(
@@ -55,9 +56,12 @@ class PackedLoader:
         world_size: int | None = None,
         seed: int = 0,
         epochs: int | None = None,
+        scored: torch.Tensor | None = None,
     ) -> None:
         if blocks.dim() != 2 or blocks.dtype != torch.long:
             raise ValueError(f"blocks must be a 2-D LongTensor, got {tuple(blocks.shape)} {blocks.dtype}")
+        _check_scored(blocks, scored)
+        self.scored = scored
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch!r}: expected an integer >= 1")
         if epochs is not None and epochs < 1:
@@ -105,7 +109,7 @@ class PackedLoader:
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return lm_batch(self.blocks[idx])
+        return lm_batch(self.blocks[idx], None if self.scored is None else self.scored[idx])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader is: ``epoch``, ``position`` (global batches done this epoch) and checks."""
@@ -136,15 +140,23 @@ class PackedLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
 
+def _check_scored(blocks: torch.Tensor, scored: torch.Tensor | None) -> None:
+    if scored is not None and (scored.dtype != torch.bool or scored.shape != blocks.shape):
+        raise ValueError(f"scored must be a BoolTensor shaped like blocks {tuple(blocks.shape)}, got "
+                         f"{tuple(scored.shape)} {scored.dtype}")
+
+
 def iter_eval_batches(
-    blocks: torch.Tensor, batch_size: int, rank: int | None = None, world_size: int | None = None
+    blocks: torch.Tensor, batch_size: int, rank: int | None = None, world_size: int | None = None,
+    scored: torch.Tensor | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches over all ``blocks`` in order, rank ``r`` taking blocks ``r, r + world_size, ...``.
 
     Every rank yields the same number of batches with the same shapes (needed when evaluation runs
     collectives such as expert all-to-all): a rank one block short gets a filler row whose labels
-    are all -100 (ignored by the loss).
+    are all -100 (ignored by the loss). ``scored`` as in :class:`PackedLoader`.
     """
+    _check_scored(blocks, scored)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
     rank, world_size = _dist_rank_world(rank, world_size)
@@ -155,7 +167,7 @@ def iter_eval_batches(
     mine = torch.arange(rank, len(blocks), world_size)
     for start in range(0, per_rank, batch_size):
         idx = mine[start : start + batch_size]
-        batch = lm_batch(blocks[idx])
+        batch = lm_batch(blocks[idx], None if scored is None else scored[idx])
         fill = min(start + batch_size, per_rank) - start - len(idx)
         if fill:
             pad = blocks[:1].expand(fill, -1)
