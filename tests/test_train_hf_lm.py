@@ -130,7 +130,65 @@ def test_trainable_ffn_needs_ffn_modules_and_unknown_policies_are_refused(tmp_pa
     assert proc.returncode == 2 and "train.trainable='embeddings': must be one of" in proc.stderr
     proc = train(write_config(tmp_path, "bad2", ARCHS["gpt2"], trainable="none-but-new"), tmp_path / "r2",
                  check=False)
-    assert proc.returncode == 2 and "none-but-new is not implemented yet" in proc.stderr
+    assert proc.returncode == 2 and "none-but-new: trains the embeddings of tokens added to a pretrained" in proc.stderr
+
+
+PERIODS = "data.prompt_periods=[1790-1899,1900-2026]"
+
+
+def test_period_tokens_resize_a_pretrained_model_and_none_but_new_trains_only_their_rows(tmp_path, pretrained_llama):
+    """Prompt variant C on a pretrained folder: the two period tokens grow the vocabulary (512 -> 514, the
+    embeddings resized), and train.trainable=none-but-new changes their embedding rows only: every other row and
+    every other weight is bit-identical to the pretrained model's."""
+    folder, before = pretrained_llama
+    out = tmp_path / "nbn"
+    proc = train(write_config(tmp_path, "nbn", {"pretrained": str(folder)}, trainable="none-but-new"), out,
+                 "data.prompt=period_token", PERIODS, "data.max_chars_per_doc=400")   # short documents: many
+    assert "train.trainable=none-but-new" in proc.stderr                              # period tokens per batch
+    after = final_weights(out)
+    emb = after["model.embed_tokens.weight"]
+    assert emb.shape == (514, 32) and after["lm_head.weight"].shape == (514, 32)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[key][:512], before[key])                       # old rows untouched
+    start = load_file(str(out / "checkpoints" / "step_00000004" / "model" / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(start[key][512:], after[key][512:])                # the new rows do train
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k not in ("model.embed_tokens.weight",
+                                                                                "lm_head.weight"))
+    for bad, needle in ((["data.prompt=year_prefix"], "data.prompt=year_prefix adds no token to train"),
+                        (["data.prompt=period_token", PERIODS, "deepspeed=ds_configs/zero3.json"],
+                         "not supported under ZeRO stage 3")):
+        proc = train(write_config(tmp_path, "nbn2", {"pretrained": str(folder)}, trainable="none-but-new"),
+                     tmp_path / "r3", *bad, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-800:]
+
+
+def test_year_prefix_tokens_are_not_in_the_training_or_validation_loss(tmp_path):
+    """Variant E: the year sentence before every document is context, not a target: the run's held-out loss is
+    the model's loss on the validation blocks with the prefix labels at -100, which differs from scoring them."""
+    out = tmp_path / "e"
+    short = "data.max_chars_per_doc=400"                         # short documents: prefixes are ~10% of tokens
+    train(write_config(tmp_path, "e", ARCHS["gpt2"], max_steps=8), out, "data.prompt=year_prefix", short)
+    from transformers import AutoModelForCausalLM
+    from dsmoe.data import build_data
+    from dsmoe.training.config import load_config
+    cfg = load_config(tmp_path / "e.yaml", [f"train.output_dir={out}", "data.prompt=year_prefix", short])
+    data = build_data(cfg.data, output_dir=out)
+    assert data.val_scored is not None and not data.val_scored.all()
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_00000008" / "model").eval()
+    total = {True: [0.0, 0], False: [0.0, 0]}
+    with torch.no_grad():
+        for i, batch in enumerate(data.val_batches(4)):
+            if i == cfg.train.eval_batches:
+                break
+            for masked in (True, False):
+                labels = batch["labels"] if masked else batch["input_ids"]
+                n = int((labels[:, 1:] != -100).sum())
+                total[masked][0] += model(input_ids=batch["input_ids"], labels=labels).loss.item() * n
+                total[masked][1] += n
+    masked_loss, full_loss = (total[m][0] / total[m][1] for m in (True, False))
+    assert summary(out)["val_loss"] == pytest.approx(masked_loss, rel=1e-5)
+    assert abs(masked_loss - full_loss) > 0.01
 
 
 def test_a_btx_merge_fine_tunes_as_a_routed_lm(tmp_path, pretrained_llama):

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dsmoe.data import DataConfig
+from dsmoe.data.prompts import parse_year_ranges
 from dsmoe.moe import backend_class
 from dsmoe.suggest import did_you_mean
 
@@ -74,8 +75,10 @@ class TrainConfig:
     plots: bool = True
     """Write loss-curve and expert-load PNGs at the end."""
     trainable: str = "all"
-    """Which parameters train: "all", or "ffn" (only the feed-forward blocks, e.g. to fine-tune the FFNs of a
-    pretrained model for an FFN merge; everything else stays frozen and holds no optimizer state)."""
+    """Which parameters train: "all"; "ffn" (only the feed-forward blocks, e.g. to fine-tune the FFNs of a
+    pretrained model for an FFN merge; everything else stays frozen and holds no optimizer state); or
+    "none-but-new" (only the embedding rows of the tokens ``data.prompt: period_token`` adds to a
+    ``model.pretrained`` vocabulary; every other weight and row stays bit-identical)."""
 
 
 @dataclass
@@ -108,22 +111,11 @@ class SlicesConfig:
     one after the other."""
 
     def parsed(self) -> list[TimeSlice]:
-        if not isinstance(self.ranges, (list, tuple)):
-            raise ConfigError(f"slices.ranges={self.ranges!r}: expected a list of START-END year ranges")
-        out: list[TimeSlice] = []
-        for i, r in enumerate(self.ranges):
-            text = str(r).replace(" ", "")
-            parts = text.split("-")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise ConfigError(f"slices.ranges[{i}]={r!r}: expected START-END years, e.g. 1790-1849")
-            start, end = int(parts[0]), int(parts[1])
-            if start > end:
-                raise ConfigError(f"slices.ranges[{i}]={r!r}: starts after it ends")
-            if out and start <= out[-1].end:
-                raise ConfigError(f"slices.ranges[{i}]={r!r}: overlaps or precedes {out[-1].name}; list the slices "
-                                  f"in order, without overlap")
-            out.append(TimeSlice(f"{start}-{end}", start, end))
-        return out
+        try:
+            ranges = parse_year_ranges(self.ranges, "slices.ranges")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return [TimeSlice(f"{start}-{end}", start, end) for start, end in ranges]
 
     def selected(self) -> list[str]:
         """Names of the runs to do now: the slices (or the one of ``only``), then "baseline"."""
@@ -308,6 +300,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         mixture=build_section("mixture", MixtureStageConfig, tree.get("mixture") or {}),
         deepspeed=str(tree.get("deepspeed", RunConfig.deepspeed)),
     )
+    if cfg.data.prompt == "period_token" and cfg.data.prompt_periods is None and cfg.slices.ranges:
+        cfg.data = dataclasses.replace(cfg.data, prompt_periods=[s.name for s in cfg.slices.parsed()])
     validate(cfg)
     return cfg
 
@@ -340,6 +334,17 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.trainable={t.trainable!r}: must be one of {TRAINABLE}")
     if cfg.lm is None:
         cfg.lm = parse_model_section(cfg.model)
+    stage = int(cfg.load_deepspeed().get("zero_optimization", {}).get("stage", 0))
+    if t.trainable == "none-but-new":
+        if cfg.lm.folder is None:
+            raise ConfigError("train.trainable=none-but-new: trains the embeddings of tokens added to a pretrained "
+                              "model only; set model.pretrained (or use train.trainable=all from scratch)")
+        if cfg.data.prompt != "period_token":
+            raise ConfigError(f"train.trainable=none-but-new: data.prompt={cfg.data.prompt} adds no token to train; "
+                              "use data.prompt=period_token")
+        if stage == 3:
+            raise ConfigError(f"train.trainable=none-but-new: not supported under ZeRO stage 3 (deepspeed="
+                              f"{cfg.deepspeed}); a few embedding rows need no sharding, use a zero1/zero2 config")
     mcfg = cfg.lm.config
     use_moe = bool(getattr(mcfg, "use_moe", False))
     if ep > 1 and not use_moe:
@@ -348,7 +353,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if use_moe and mcfg.n_routed_experts % ep:
         raise ConfigError(f"model.n_routed_experts={mcfg.n_routed_experts}: not divisible by "
                           f"parallel.expert_parallel_size={ep}; pick a divisor")
-    stage = int(cfg.load_deepspeed().get("zero_optimization", {}).get("stage", 0))
     if use_moe and stage == 3 and not backend_class(mcfg.moe_backend).zero3_compatible:
         raise ConfigError(f"model.moe_backend={mcfg.moe_backend}: this MoE backend cannot run under ZeRO stage 3 "
                           f"(deepspeed={cfg.deepspeed}); use model.moe_backend=dsmoe or a zero1/zero2 config")

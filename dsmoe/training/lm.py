@@ -10,7 +10,7 @@ The ``model:`` section of a run config names the model:
 :class:`TrainableLM` is what the trainer calls: build the config from what the data decides (vocabulary,
 special tokens, context length), build the model, run one forward and normalise its output
 (:class:`LMStep`), the per-step hooks (expert-bias update, router reset) and the checkpoint compatibility keys.
-``train.trainable`` (``all`` | ``ffn``) is applied by :func:`apply_trainable` for both.
+``train.trainable`` (``all`` | ``ffn`` | ``none-but-new``) is applied by :func:`apply_trainable` for both.
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ class TrainableLM(ABC):
 
     compat_keys: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "vocab_size")
     """Config keys a checkpoint must share with the run config to be resumed."""
+    folder: Path | None = None
+    """The pretrained HF folder the model is fine-tuned from (None: trained from scratch)."""
 
     @abstractmethod
     def model_config(self, vocab_size: int, eos_token_id: int | None, pad_token_id: int | None, seq_len: int):
@@ -115,9 +117,7 @@ class RoutedLMSpec(TrainableLM):
     def model_config(self, vocab_size, eos_token_id, pad_token_id, seq_len):
         mcfg = copy.deepcopy(self.config)
         if self.folder is not None:
-            if vocab_size > mcfg.vocab_size:
-                raise ConfigError(f"model.pretrained={self.folder}: its vocabulary ({mcfg.vocab_size}) is smaller "
-                                  f"than the tokenizer's ({vocab_size}); set data.tokenizer to the model's tokenizer")
+            mcfg.vocab_size = max(vocab_size, mcfg.vocab_size)   # grown when the tokenizer gained tokens
             mcfg.max_position_embeddings = max(seq_len, mcfg.max_position_embeddings)
             return mcfg
         mcfg.vocab_size = vocab_size
@@ -131,7 +131,13 @@ class RoutedLMSpec(TrainableLM):
         from dsmoe.models import RoutedLMForCausalLM
         if self.folder is None:
             return RoutedLMForCausalLM(config)
-        return RoutedLMForCausalLM.from_pretrained(self.folder, config=config, dtype=torch.float32)
+        grown = config.vocab_size
+        saved = copy.deepcopy(config)
+        saved.vocab_size = self.config.vocab_size
+        model = RoutedLMForCausalLM.from_pretrained(self.folder, config=saved, dtype=torch.float32)
+        if grown > saved.vocab_size:                          # the tokenizer outgrew the folder's vocabulary
+            model.resize_token_embeddings(grown)
+        return model
 
     def forward(self, engine, input_ids, labels, step):
         kw = {} if step is None else {"step": step}
@@ -283,14 +289,18 @@ def parse_model_section(section: dict[str, Any]) -> TrainableLM:
     return HFCausalLMSpec(section)
 
 
-def apply_trainable(model: nn.Module, policy: str) -> dict[str, int]:
-    """Freeze what ``train.trainable`` leaves out; returns trainable / total parameter counts."""
+def apply_trainable(model: nn.Module, policy: str, new_token_ids: list[int] | None = None) -> dict[str, int]:
+    """Freeze what ``train.trainable`` leaves out; returns trainable / total parameter counts.
+
+    ``none-but-new`` trains only the embedding rows (input and, if untied, output) of ``new_token_ids``, the
+    tokens the data added to a pretrained model's vocabulary (the period tokens of ``data.prompt:
+    period_token``): every other weight, and every other row, stays bit-identical (their gradient is zeroed
+    and the embeddings are left out of weight decay)."""
     if policy not in TRAINABLE:
         raise ConfigError(f"train.trainable={policy!r}: must be one of {TRAINABLE}")
     if policy == "none-but-new":
-        raise ConfigError("train.trainable=none-but-new is not implemented yet (training only the embedding rows of "
-                          "added tokens); use 'all' or 'ffn'")
-    if policy == "ffn":
+        _train_new_rows_only(model, new_token_ids)
+    elif policy == "ffn":
         ffn = {id(p) for name, mod in model.named_modules() if name.split(".")[-1] in FFN_MODULE_NAMES
                for p in mod.parameters()}
         if not ffn:
@@ -299,4 +309,26 @@ def apply_trainable(model: nn.Module, policy: str) -> dict[str, int]:
         for p in model.parameters():
             p.requires_grad_(id(p) in ffn)
     total = sum(p.numel() for p in model.parameters())
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "total": total}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if policy == "none-but-new":
+        trainable = sum(len(new_token_ids) * p.shape[1] for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+NO_DECAY = "_dsmoe_no_decay"          # attribute set on parameters that must not be weight-decayed
+
+
+def _train_new_rows_only(model: nn.Module, new_token_ids: list[int] | None) -> None:
+    if not new_token_ids:
+        raise ConfigError("train.trainable=none-but-new: the data adds no token to the model's vocabulary; it trains "
+                          "the embeddings of added tokens only (data.prompt=period_token with model.pretrained)")
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    weights = [emb.weight] + ([out.weight] if out is not None and out.weight is not emb.weight else [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = torch.zeros(emb.weight.shape[0], 1, dtype=torch.bool)
+    rows[torch.tensor(new_token_ids)] = True
+    for w in weights:
+        w.requires_grad_(True)
+        setattr(w, NO_DECAY, True)
+        w.register_hook(lambda g, keep=rows: g * keep.to(device=g.device, dtype=g.dtype))

@@ -26,6 +26,8 @@ from dsmoe.deepspeed_comm import init_deepspeed_comm
 from dsmoe.moe import moe_layers
 from dsmoe.ports import free_port
 
+from .lm import NO_DECAY
+
 
 @dataclass
 class DistInfo:
@@ -89,7 +91,7 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or n.endswith(".bias") else decay).append(p)
+        (no_decay if p.dim() < 2 or n.endswith(".bias") or getattr(p, NO_DECAY, False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]

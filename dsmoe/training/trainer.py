@@ -187,7 +187,7 @@ class Trainer:
                                       f"unexpected {unexpected[:3]}); the model config changed since the checkpoint")
             if tied:
                 model.tie_weights()
-        counts = apply_trainable(model, t.trainable)
+        counts = apply_trainable(model, t.trainable, self._added_token_ids())
         if self.dist.rank == 0:
             log.info("model: %s, %.2fM parameters (%.2fM trainable: train.trainable=%s)", lm.describe(),
                      counts["total"] / 1e6, counts["trainable"] / 1e6, t.trainable)
@@ -217,6 +217,13 @@ class Trainer:
                                                                  config=self.ds_config)
         self.engine, self.optimizer, self.scheduler = engine, opt, scheduler
         self.model = engine.module
+
+    def _added_token_ids(self) -> list[int]:
+        """Ids of the tokens the data's prompt adds to the vocabulary (the period tokens), for none-but-new."""
+        from dsmoe.data.prompts import DocumentPrompt
+
+        vocab = self.data.tokenizer.get_vocab()
+        return [vocab[t] for t in DocumentPrompt.of(self.cfg.data).tokens()]
 
     def _model_config(self):
         """The model's config with what the data decides: vocabulary, special tokens, context length."""
