@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """The comparison table of a saved expert mixture on the held-out documents of every slice.
 
-  python launch/eval_mixture.py MIXTURE_DIR [--baseline DENSE_DIR] [--seq-len 256] [--batch-size 8]
+  python launch/eval_mixture.py RUN_DIR | MIXTURE_DIR [--baseline DENSE_DIR] [--seq-len 256] [--batch-size 8]
                                 [--out DIR] [--tokenizer DIR] [data.key=value ...]
 
-MIXTURE_DIR: a folder written by ``ExpertMixtureForCausalLM.save_pretrained`` (with its tokenizer, or pass
---tokenizer). The data section defaults to the State of the Union corpus (``data.source=sotu``); its
-train/validation split is the data layer's, so the held-out documents are those no slice expert trained on.
+RUN_DIR: the output folder of a time-mixture run (``launch/train.py`` with ``slices.ranges``): its
+``mixture/`` and, by default, its ``baseline/hf``. MIXTURE_DIR: a folder written by
+``ExpertMixtureForCausalLM.save_pretrained`` (with its tokenizer, or pass --tokenizer). The data section is the
+one the run recorded (``mixture/dsmoe_data.json``: source, cuts, split, the prompt variant) with the overrides
+on top, else the State of the Union corpus (``data.source=sotu``); its train/validation split is the data
+layer's, so the held-out documents are those no slice expert trained on.
 Writes ``mixture_eval.json`` and ``mixture_eval.png`` into --out (default: MIXTURE_DIR) and prints the table.
 """
 import argparse
@@ -40,6 +43,12 @@ def main(argv=None) -> int:
             return fail(f"{o}: only data.key=value overrides are accepted")
         data[k[5:]] = yaml.safe_load(v)
     folder = Path(a.mixture)
+    if (folder / "mixture" / "config.json").is_file():           # a run folder
+        if a.baseline is None and (folder / "baseline" / "hf" / "config.json").is_file():
+            a.baseline = str(folder / "baseline" / "hf")
+        folder = folder / "mixture"
+    if (folder / "dsmoe_data.json").is_file():
+        data = {**json.loads((folder / "dsmoe_data.json").read_text()), **data}
     if not (folder / "config.json").is_file():
         return fail(f"MIXTURE_DIR={a.mixture!r}: no saved mixture there (no config.json); give a folder written by "
                     "ExpertMixtureForCausalLM.save_pretrained")

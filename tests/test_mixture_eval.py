@@ -78,6 +78,23 @@ def test_eval_mixture_writes_one_table_on_the_same_tokens(saved_mixture, capsys)
     assert "oracle" in printed.out and "year MAE" in printed.out
 
 
+def test_prompt_variants_score_the_same_tokens_and_the_gate_never_reads_the_prompt(saved_mixture, capsys):
+    """Variant E (the year sentence before each document, gold year included) against B (no prompt): the
+    experts see the prompt, so their rows change; the scored tokens are the same, and the gate, which reads the
+    text only, gives the same accuracy, confusion and year predictions to the last digit."""
+    root, main = saved_mixture, launch_main("eval_mixture")
+    res = {}
+    for prompt in ("none", "year_prefix"):
+        out = root / f"eval_{prompt}"
+        assert main([str(root / "mix"), "--seq-len", "48", "--out", str(out), *CUT, f"data.prompt={prompt}"]) == 0
+        capsys.readouterr()
+        res[prompt] = json.loads((out / "mixture_eval.json").read_text())
+    b, e = res["none"], res["year_prefix"]
+    assert b["tokens"] == e["tokens"] and b["documents"] == e["documents"]
+    assert b["gate"] == e["gate"] and b["years"] == e["years"]
+    assert b["rows"][0]["overall"] != e["rows"][0]["overall"]            # the experts did read the prompt
+
+
 def test_eval_mixture_bad_input_is_one_line_exit_2(saved_mixture, tmp_path, capsys):
     main = launch_main("eval_mixture")
     (tmp_path / "no_weights").mkdir()
@@ -88,6 +105,8 @@ def test_eval_mixture_bad_input_is_one_line_exit_2(saved_mixture, tmp_path, caps
         ([str(saved_mixture / "experts" / "expert0")], "not an expert mixture"),
         ([str(saved_mixture / "mix"), "data.year_max=1899", *CUT[:2]], "slice [1900, 1949] has no training"),
         ([str(saved_mixture / "mix"), "train.steps=3"], "only data.key=value"),
+        ([str(saved_mixture / "mix"), "data.prompt=period_token", "data.prompt_periods=[1790-2026]", *CUT],
+         "the tokenizer has no token <|1790-2026|>"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

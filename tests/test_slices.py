@@ -4,9 +4,12 @@ in ExpertMixtureForCausalLM; re-running skips finished runs; slices.only picks o
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 
+from launch_utils import REPO_ROOT, launch_env
 from train_utils import train_debug
 
 SLICES = "slices.ranges=[1790-1899,1900-2026]"
@@ -55,6 +58,24 @@ def test_slice_experts_baseline_and_mixture(tmp_path):
     again = json.loads((out / "mixture" / "mixture_eval.json").read_text())
     assert again["rows"] == table["rows"]                                   # the same table (seeded gate)
     assert sorted(p.name for p in (out / "experts" / "1790-1899" / "checkpoints").iterdir()) == before
+
+
+def test_period_token_experts_share_the_grown_vocabulary_and_eval_reproduces_the_table(tmp_path):
+    """Prompt variant C through the whole command: the slices' period tokens join the one shared tokenizer (and
+    every expert's vocabulary), the run records its data section in the mixture folder, and
+    ``eval_mixture.py RUN_DIR`` reproduces the table of the end of training (prompt, cuts and baseline found)."""
+    out = tmp_path / "c"
+    train_debug(out, SLICES, "train.max_steps=2", "train.save_every=2", "train.plots=false", "mixture.gate_steps=3",
+                "data.prompt=period_token", "slices.baseline=false")
+    from transformers import AutoConfig, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert {"<|1790-1899|>", "<|1900-2026|>"} <= set(tok.get_vocab())
+    assert AutoConfig.from_pretrained(out / "experts" / "1900-2026" / "hf").vocab_size == len(tok) == 514
+    table = json.loads((out / "mixture" / "mixture_eval.json").read_text())
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "eval_mixture.py"), str(out), "--out",
+                           str(tmp_path / "again")], cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert json.loads((tmp_path / "again" / "mixture_eval.json").read_text()) == table
 
 
 def test_only_one_slice_and_bad_slices(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dsmoe.data import DataConfig
 from dsmoe.data.cache import resolve_cache_dir
+from dsmoe.data.prompts import DocumentPrompt
 from dsmoe.data.sources import load_documents
 from dsmoe.data.split import split_documents
 
@@ -24,8 +25,11 @@ def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
     """(validation documents with their slice, mean year of the training documents) of ``cfg``'s source;
     ``split="train"`` gives the training documents instead (for training a gate on them).
 
-    Documents whose year lies in no slice are left out; a slice with no training or no held-out document is a
-    ValueError naming it."""
+    Each document is EOS (the separator the models saw before every document in training), the prompt prefix of
+    ``cfg.prompt`` (a period token or the year sentence) and the text; ``prompt_len`` covers the separator and
+    the prefix, so neither is scored nor read by the gate (which thus reads the same tokens under every prompt
+    variant). Documents whose year lies in no slice
+    are left out; a slice with no training or no held-out document is a ValueError naming it."""
     if split not in ("val", "train"):
         raise ValueError(f"split={split!r}: must be 'val' or 'train'")
     docs = load_documents(cfg, resolve_cache_dir(cfg, output_dir) / "hf_datasets")
@@ -52,6 +56,7 @@ def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
     train_years = [years[i] for i in train_idx if slice_of(years[i]) is not None]
     out = []
     eos = tokenizer.eos_token_id
+    prompt = DocumentPrompt.of(cfg)
     chosen = val_idx if split == "val" else train_idx
     texts = docs.select(chosen)["text"]
     for i, text in zip(chosen, texts):
@@ -59,7 +64,8 @@ def held_out_documents(cfg: DataConfig, tokenizer, slices: list[list[int]],
         if k is None:
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out.append(EvalDocument(([eos] if eos is not None else []) + ids, int(years[i]), k))
+        head = ([eos] if eos is not None else []) + prompt.ids(tokenizer, years[i])
+        out.append(EvalDocument(head + ids, int(years[i]), k, len(head)))
     skipped = len(chosen) - len(out)
     if skipped:
         log.info("%d held-out documents lie in no slice and are not scored", skipped)

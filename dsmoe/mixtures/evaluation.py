@@ -3,11 +3,13 @@
 Rows: each single expert, an optional dense baseline, ``equal``, ``router`` (log-prob mixture), ``logits-soft``
 (router weights, logits combiner), ``argmax`` and ``oracle`` (the gold slice's expert). Every row is computed from
 the same expert forward passes on exactly the same scored tokens: each document is cut into windows of
-``seq_len`` tokens, the first token of a window and padding and prompt-prefix tokens are never scored, and a row's
+``seq_len`` tokens that overlap by one (a window starts with the last token of the one before, as context), so
+every token of a document's text is scored exactly once whatever prompt prefix precedes it (the prefix, the
+separator before it and padding are never scored, and the prompt variants score the same tokens); a row's
 perplexity is exp(summed NLL / scored tokens) per slice and overall (token-weighted; one averaging for every
 row). No query date is applied (every expert is usable). The gate is also scored as a slice classifier
 (accuracy, confusion matrix) and as a year predictor (MAE beside the training-mean-year baseline), per document
-(the mean of its windows' posteriors after reading each whole window).
+(its posterior after reading the document's whole text, without the prompt prefix).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class EvalDocument:
     year: int
     slice: int
     prompt_len: int = 0
-    """Leading prompt-prefix tokens (never scored, never read by the gate)."""
+    """Leading context-only tokens: the separator and any prompt prefix (never scored, never read by the gate)."""
 
 
 @dataclass
@@ -106,10 +108,13 @@ class MixtureEvaluation:
 
 
 def windows(docs: list[EvalDocument], seq_len: int) -> list[tuple[int, list[int], int]]:
-    """(document index, ids, prompt tokens in this window) of every window of ``seq_len`` tokens."""
+    """(document index, ids, prompt tokens in this window) of every window of ``seq_len`` tokens; consecutive
+    windows share one token (the context of the next window's first target)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: a window needs at least 2 tokens (one context, one target)")
     out = []
     for d, doc in enumerate(docs):
-        for start in range(0, max(len(doc.ids) - 1, 1), seq_len):
+        for start in range(0, max(len(doc.ids) - 1, 1), seq_len - 1):
             piece = doc.ids[start:start + seq_len]
             if len(piece) >= 2:
                 out.append((d, piece, max(0, min(doc.prompt_len - start, len(piece)))))
@@ -135,8 +140,6 @@ def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: 
     rows += ["oracle"]
     nll = {r: torch.zeros(n, dtype=torch.float64) for r in rows}
     tokens = torch.zeros(n, dtype=torch.long)
-    post_sum = torch.zeros(len(docs), n, dtype=torch.float64)
-    post_cnt = torch.zeros(len(docs))
     wins = windows(docs, seq_len)
     device = model.device
     for s in range(0, len(wins), batch_size):
@@ -169,10 +172,6 @@ def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: 
             per_row["logits-soft"] = soft.gather(-1, targets[..., None]).squeeze(-1)
             am, _, _, _ = model.gate(ids, mask, None, "argmax", prompt_mask=prompt)
             per_row["argmax"] = C.mix_log_probs(am[:, :-1], tl)
-            post = gate_posteriors(model, ids, mask, prompt).double().cpu()
-            for i, (d, _, _) in enumerate(chunk):
-                post_sum[d] += post[i]
-                post_cnt[d] += 1
         per_row["oracle"] = C.mix_log_probs(C.one_hot_log_weights(gold, n, t - 1), tl)
         w = scored.double()
         for r in rows:
@@ -188,11 +187,25 @@ def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: 
         result.rows.append(EvalRow(r, {x: C.nll_to_ppl(float(nll[r][k]), int(tokens[k])) for k, x in enumerate(names)},
                                    C.nll_to_ppl(float(nll[r].sum()), total)))
     if has_router:
-        seen = post_cnt > 0
-        posteriors = post_sum[seen] / post_cnt[seen, None]
-        gold_docs = torch.tensor([d.slice for d in docs])[seen]
-        result.gate = gate_accuracy(posteriors, gold_docs, n)
+        posteriors = document_posteriors(model, docs, batch_size, pad_id)
+        result.gate = gate_accuracy(posteriors, torch.tensor([d.slice for d in docs]), n)
         if train_mean_year is not None:
-            years = torch.tensor([d.year for d in docs])[seen]
-            result.years = year_mae(posteriors, years, cfg.slices, train_mean_year)
+            result.years = year_mae(posteriors, torch.tensor([d.year for d in docs]), cfg.slices, train_mean_year)
     return result
+
+
+@torch.no_grad()
+def document_posteriors(model, docs: list[EvalDocument], batch_size: int = 8, pad_id: int = 0) -> torch.Tensor:
+    """[D, N] float64: the gate's posterior over slices after reading each document's whole text (its prompt
+    prefix and separator left out, so every prompt variant gives the same posteriors)."""
+    out = []
+    for s in range(0, len(docs), batch_size):
+        texts = [d.ids[d.prompt_len:] or d.ids[-1:] for d in docs[s:s + batch_size]]
+        t = max(len(x) for x in texts)
+        ids = torch.full((len(texts), t), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(texts), t, dtype=torch.long)
+        for i, x in enumerate(texts):
+            ids[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        out.append(gate_posteriors(model, ids.to(model.device), mask.to(model.device)).double().cpu())
+    return torch.cat(out)

@@ -14,6 +14,7 @@ last one to finish, or a re-run of the command, builds the mixture). ``mixture.e
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -21,21 +22,26 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("dsmoe.mixtures")
+DATA_FILE = "dsmoe_data.json"     # the data section the mixture's experts were trained with (prompt included)
 
 
 def gate_batches(docs, seq_len: int, batch_size: int, dates: bool = False) -> list[dict]:
-    """Full windows of ``seq_len`` tokens of ``docs`` (EvalDocuments), batched with each window's gold slice
-    (and, with ``dates``, its document's year as the query date)."""
+    """Full windows of ``seq_len`` tokens of ``docs`` (EvalDocuments), batched with each window's gold slice, a
+    ``prompt_mask`` on the prompt prefix (never read by the gate, never a target) when any document has one,
+    and, with ``dates``, its document's year as the query date."""
     rows = []
     for doc in docs:
         for start in range(0, len(doc.ids) - seq_len + 1, seq_len):
-            rows.append((doc.ids[start:start + seq_len], doc.year, doc.slice))
+            rows.append((doc.ids[start:start + seq_len], doc.year, doc.slice, max(0, doc.prompt_len - start)))
+    prompted = any(r[3] for r in rows)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(rows), generator=g).tolist()
     batches = []
     for i in range(0, len(order) - batch_size + 1, batch_size):
         chunk = [rows[j] for j in order[i:i + batch_size]]
         batch = {"input_ids": torch.tensor([c[0] for c in chunk]), "slice_labels": torch.tensor([c[2] for c in chunk])}
+        if prompted:
+            batch["prompt_mask"] = torch.arange(seq_len)[None, :] < torch.tensor([c[3] for c in chunk])[:, None]
         if dates:
             batch["date"] = torch.tensor([c[1] for c in chunk])
         batches.append(batch)
@@ -73,6 +79,7 @@ def build_mixture(cfg, out: Path):
     folder = out / "mixture"
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
+    (folder / DATA_FILE).write_text(json.dumps(data_cfg.to_dict(), indent=1))
     return model, tok, data_cfg
 
 
