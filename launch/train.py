@@ -60,4 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:
+        # Under a launcher, leave without interpreter teardown: every output is written and closed by now, and a
+        # native helper thread (ZeRO-3 CPU offload) still alive at teardown can abort the process ("terminate
+        # called without an active exception"), turning a finished run into a failed one.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
