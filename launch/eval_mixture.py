@@ -47,8 +47,9 @@ def main(argv=None) -> int:
         if a.baseline is None and (folder / "baseline" / "hf" / "config.json").is_file():
             a.baseline = str(folder / "baseline" / "hf")
         folder = folder / "mixture"
-    if (folder / "dsmoe_data.json").is_file():
-        data = {**json.loads((folder / "dsmoe_data.json").read_text()), **data}
+    from dsmoe.mixtures.time_pipeline import DATA_FILE
+    if (folder / DATA_FILE).is_file():
+        data = {**json.loads((folder / DATA_FILE).read_text()), **data}
     if not (folder / "config.json").is_file():
         return fail(f"MIXTURE_DIR={a.mixture!r}: no saved mixture there (no config.json); give a folder written by "
                     "ExpertMixtureForCausalLM.save_pretrained")

@@ -161,14 +161,15 @@ def build_data(cfg: DataConfig, output_dir: str | os.PathLike[str] | None = None
     pack_key = {"docs": docs_key, "tok": tok_id, "seq_len": cfg.seq_len, "format": PACK_FORMAT}
     if prompt.enabled:
         pack_key["prompt"] = [cfg.prompt, cfg.prompt_template, cfg.prompt_periods]
-    packed_dir = cache_root / f"packed-{stable_hash(pack_key)}"
+    pack_id = stable_hash(pack_key)
+    packed_dir = cache_root / f"packed-{pack_id}"
 
     cached = _load_packed(packed_dir)
     if cached is not None:
         blocks, stats = cached
         stats.packed_cache_hit = True
     else:
-        blocks, stats = _pack(cfg, documents(), tokenizer, prompt, f"{docs_key}-{stable_hash(pack_key)}")
+        blocks, stats = _pack(cfg, documents(), tokenizer, prompt, f"{docs_key}-{pack_id}")
         _save_packed(packed_dir, blocks, stats, cfg)
     stats.tokenizer_status = tok_status
     stats.cache_dir = str(cache_root)

@@ -121,6 +121,17 @@ def windows(docs: list[EvalDocument], seq_len: int) -> list[tuple[int, list[int]
     return out
 
 
+def padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T] right-padded with ``pad_id``, attention mask [B, T]) of token lists of any lengths."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: int = 8,
                      train_mean_year: float | None = None, baseline=None, pad_id: int = 0) -> MixtureEvaluation:
@@ -144,14 +155,9 @@ def evaluate_mixture(model, docs: list[EvalDocument], seq_len: int, batch_size: 
     device = model.device
     for s in range(0, len(wins), batch_size):
         chunk = wins[s:s + batch_size]
-        t = max(len(w[1]) for w in chunk)
-        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), t, dtype=torch.long)
-        prompt = torch.zeros(len(chunk), t, dtype=torch.bool)
-        for i, (_, piece, p) in enumerate(chunk):
-            ids[i, :len(piece)] = torch.tensor(piece)
-            mask[i, :len(piece)] = 1
-            prompt[i, :p] = True
+        ids, mask = padded([w[1] for w in chunk], pad_id)
+        t = ids.shape[1]
+        prompt = torch.arange(t)[None, :] < torch.tensor([w[2] for w in chunk])[:, None]
         ids, mask, prompt = ids.to(device), mask.to(device), prompt.to(device)
         gold = torch.tensor([docs[w[0]].slice for w in chunk], device=device)
         scored = mask[:, 1:].bool() & ~prompt[:, 1:]
@@ -200,12 +206,6 @@ def document_posteriors(model, docs: list[EvalDocument], batch_size: int = 8, pa
     prefix and separator left out, so every prompt variant gives the same posteriors)."""
     out = []
     for s in range(0, len(docs), batch_size):
-        texts = [d.ids[d.prompt_len:] or d.ids[-1:] for d in docs[s:s + batch_size]]
-        t = max(len(x) for x in texts)
-        ids = torch.full((len(texts), t), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(texts), t, dtype=torch.long)
-        for i, x in enumerate(texts):
-            ids[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
+        ids, mask = padded([d.ids[d.prompt_len:] or d.ids[-1:] for d in docs[s:s + batch_size]], pad_id)
         out.append(gate_posteriors(model, ids.to(model.device), mask.to(model.device)).double().cpu())
     return torch.cat(out)
