@@ -210,11 +210,14 @@ def test_resume_after_round_2_reproduces_round_3(full_run):
                              client_mods=[fail_partition_1_in_round_2])
     a_rows, b_rows = _rows(full), _rows(cut)
     assert [r["round"] for r in b_rows] == [0, 1, 2, 3]                 # the stale round-3 row was replaced
-    for key in ("test_accuracy", "test_macro_f1", "test_loss", "client_accuracy", "client_weight", "expert_usage"):
-        assert b_rows[3][key] == a_rows[3][key], key
+    # the same clients took part in round 3 (a client lost to the machine, not to the test's mod, shows here)
+    who = {k: (a_rows[3].get(k), b_rows[3].get(k)) for k in ("clients_ok", "failed_clients")}
+    assert all(x == y for x, y in who.values()), who
     a = load_file(str(full / "checkpoints" / "round_0003" / "model.safetensors"))
     b = load_file(str(cut / "checkpoints" / "round_0003" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []           # the same round-3 global model
+    for key in ("test_accuracy", "test_macro_f1", "test_loss", "client_accuracy", "client_weight", "expert_usage"):
+        assert b_rows[3][key] == a_rows[3][key], key
     with pytest.raises(CheckpointError, match="another"):               # a different run config is refused
         run_federated_simulation(_cfg(tmp, "resumed", "federation.num_rounds=4", "train.lr=0.1"))
 

@@ -49,6 +49,31 @@ def test_layer_matches_naive_reference(name):
         assert dropped > 0, "the capacity test must actually drop something"
 
 
+@pytest.mark.parametrize("ffn", [8, F_], ids=["F<H: weights in the experts", "F>=H: weights in the combine"])
+@pytest.mark.parametrize("name", ["dropless", "gelu", "null", "capacity-null-shared"])
+def test_gradients_match_naive_reference(name, ffn):
+    """The routing weights are applied before the down projection when F < H and in the combine otherwise:
+    both give the naive reference's gradients for the input, the experts and the router (null and dropped
+    slots included)."""
+    layer = make(expert_hidden_size=ffn, **CONFIGS[name])
+    x = x_()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(xa).hidden_states
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    ref, _, _ = naive_moe(layer, xb, layer.cfg.capacity_factor)
+    ref.backward(g)
+    def close(a, b, msg):        # fp32 sums in another order: equal to 1e-5 of the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=msg)
+
+    close(xa.grad, xb.grad, "input")
+    assert grads["router.weight"].abs().sum() > 0
+    for n, p in layer.named_parameters():
+        close(grads[n], p.grad, n)
+
+
 @pytest.mark.parametrize("kernel", ["grouped", "padded"])
 @pytest.mark.parametrize("name", ["shared+gate", "gelu", "null", "capacity-null-shared"])
 def test_expert_kernels_equal_the_loop(kernel, name):

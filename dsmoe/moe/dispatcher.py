@@ -1,10 +1,9 @@
 """Token dispatchers: move expert-sorted assignments to the ranks holding their experts and back.
 
-The layer hands over rows sorted by global expert with their per-expert counts (and each row's routing weight);
-the dispatcher returns the rows for this rank's local experts sorted by local expert, and later brings the expert
-outputs back in the original order. The routing weights are applied exactly once: by the experts when
-``Dispatched.weights`` is set (before their down projection, the cheaper place), else by :meth:`combine`.
-Null and dropped assignments never reach a dispatcher, so they are never sent.
+The layer hands over rows sorted by global expert with their per-expert counts; the dispatcher returns the rows
+for this rank's local experts sorted by local expert, and later brings the expert outputs back in the original
+order. Routing weights never travel: the layer applies them on the sending rank (in its combine). Null and
+dropped assignments never reach a dispatcher, so they are never sent.
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ class Dispatched:
 
     tokens: torch.Tensor
     counts: torch.Tensor                      # (E_local,) rows per local expert
-    weights: torch.Tensor | None = None       # (rows,) weights the experts apply; None: combine applies them
     pending: list = field(default_factory=list)
     state: dict = field(default_factory=dict)
 
@@ -43,15 +41,12 @@ class TokenDispatcher(ABC):
     num_local_experts: int
 
     @abstractmethod
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> "Dispatched":
-        """tokens (N, H) sorted by global expert, counts (E,), optional weights (N,) -> this rank's rows sorted
-        by local expert (with the weights the experts are to apply, or None when :meth:`combine` applies them)."""
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> "Dispatched":
+        """tokens (N, H) sorted by global expert, counts (E,) -> this rank's rows sorted by local expert."""
 
     @abstractmethod
     def combine(self, out: torch.Tensor, d: "Dispatched") -> torch.Tensor:
-        """Expert outputs of :meth:`dispatch`'s rows -> outputs for the original rows, in their order, weighted
-        by the routing weights if the experts did not apply them."""
+        """Expert outputs of :meth:`dispatch`'s rows -> outputs for the original rows, in their order."""
 
     @abstractmethod
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -68,9 +63,8 @@ class LocalDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.num_local_experts = num_experts
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> Dispatched:
-        return Dispatched(tokens, counts, weights)
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> Dispatched:
+        return Dispatched(tokens, counts)
 
     def combine(self, out: torch.Tensor, d: Dispatched) -> torch.Tensor:
         return out
@@ -84,8 +78,8 @@ class AllToAllDispatcher(TokenDispatcher):
 
     Rank r holds global experts [r*E/P, (r+1)*E/P). One small all-to-all exchanges the per-expert counts,
     one variable-split all-to-all moves the rows (asynchronously, so shared experts can run meanwhile), and
-    the combine runs the reverse exchange. Both are differentiable. The routing weights stay on the sending
-    rank and are applied in the combine: one exchange each way, in the same order on every rank.
+    the combine runs the reverse exchange. Both are differentiable: one exchange each way, in the same order on
+    every rank.
     """
 
     def __init__(self, num_experts: int, group=None):
@@ -97,8 +91,7 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.world_size
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> Dispatched:
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> Dispatched:
         p, el = self.world_size, self.num_local_experts
         send_counts = counts.reshape(p, el)
         recv_counts = torch.empty_like(send_counts)
@@ -115,16 +108,14 @@ class AllToAllDispatcher(TokenDispatcher):
         dst_starts = torch.cumsum(dst_sizes, 0) - dst_sizes
         perm = torch.arange(received.shape[0], device=counts.device) + torch.repeat_interleave(
             src_starts - dst_starts, dst_sizes, output_size=received.shape[0])
-        d = Dispatched(received, recv_counts.sum(0), None, pending,
-                       {"perm": perm, "in_splits": in_splits, "out_splits": out_splits, "weights": weights})
+        d = Dispatched(received, recv_counts.sum(0), pending,
+                       {"perm": perm, "in_splits": in_splits, "out_splits": out_splits})
         return _Permuted(d)
 
     def combine(self, out: torch.Tensor, d: Dispatched) -> torch.Tensor:
         back = torch.empty_like(out)
         back = back.index_copy(0, d.state["perm"], out) if out.shape[0] else out
-        y = all_to_all(back, d.state["in_splits"], d.state["out_splits"], self.group)
-        w = d.state["weights"]
-        return y if w is None else y * w.to(y.dtype).unsqueeze(1)
+        return all_to_all(back, d.state["in_splits"], d.state["out_splits"], self.group)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
@@ -136,7 +127,7 @@ class _Permuted(Dispatched):
     """Applies the (source, expert) -> (expert, source) reorder once the exchange has finished."""
 
     def __init__(self, d: Dispatched):
-        super().__init__(d.tokens, d.counts, d.weights, d.pending, d.state)
+        super().__init__(d.tokens, d.counts, d.pending, d.state)
 
     def wait(self) -> "Dispatched":
         if self.pending:

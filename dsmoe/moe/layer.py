@@ -140,16 +140,18 @@ class MoELayer(MoELayerBase):
         rows = gather_rows(x2, plan)
         if timer is not None:
             rows = timer.input(rows)
-        d = self.dispatcher.dispatch(rows, plan.counts, plan.row_weights(flat_weight))
+        d = self.dispatcher.dispatch(rows, plan.counts)
         shared = self.shared_experts(x2) if self.shared_experts is not None else None  # overlaps the exchange
         d.wait()
-        # the routing weights scale each row inside the experts (before the down projection), so the combine is
-        # a plain sum over the k choices, by gathers only: deterministic, and no zero-filled buffers
-        y = self.experts(d.tokens, d.counts, d.weights, plan.capacity)
+        # the routing weights are applied once, where it is cheaper: by the experts before their down projection
+        # when it is narrower than the hidden size (and the rows stay on this rank), else by the combine; either
+        # way the combine is a sum over the k choices by gathers only: deterministic, no zero-filled buffers
+        in_experts = cfg.expert_hidden_size < cfg.hidden_size and self.expert_parallel_size == 1
+        y = self.experts(d.tokens, d.counts, plan.row_weights(flat_weight) if in_experts else None, plan.capacity)
         if timer is not None:
             y = timer.output(y)
         y = self.dispatcher.combine(y, d)
-        out = combine_rows(y, plan)
+        out = combine_rows(y, plan, None if in_experts else flat_weight)
         if shared is not None:
             out = out + shared
 

@@ -3,7 +3,7 @@
 One autograd node instead of split + silu + mul (+ mul): the backward writes both halves of the gradient into
 one buffer (no ``cat`` of the two halves) and makes fewer full-size temporaries, which on CPU is where a
 fine-grained MoE's elementwise time goes. Scaling rows here, before the down projection, puts the routing
-weights on the narrow F-wide tensor instead of the H-wide expert output.
+weights on the F-wide tensor instead of the H-wide expert output: the MoE layer does so when F < H.
 """
 from __future__ import annotations
 
