@@ -65,6 +65,7 @@ def test_gradients_match_naive_reference(name, ffn):
     layer.zero_grad()
     ref, _, _ = naive_moe(layer, xb, layer.cfg.capacity_factor)
     ref.backward(g)
+
     def close(a, b, msg):        # fp32 sums in another order: equal to 1e-5 of the gradient's scale
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=msg)
 
