@@ -85,8 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile attention and dense FFNs (MoE FFNs stay eager; off by default)")
-    p.add_argument("--expert-kernel", default="auto", choices=("auto", "grouped", "padded", "adaptive", "loop"),
-                   help="RoutedLMConfig.moe_expert_kernel of the MoE models (default auto = grouped GEMM)")
+    p.add_argument("--expert-kernel", default="auto",
+                   choices=("auto", "grouped", "bucketed", "padded", "adaptive", "loop"),
+                   help="RoutedLMConfig.moe_expert_kernel of the MoE models (default auto: bucketed on CPU, "
+                        "grouped GEMM on GPU)")
     p.add_argument("--busy-core", action="store_true", help="spin a helper process on one CPU while timing")
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: keep glibc's default allocation (mmap for large tensors) instead of dsmoe's setting")

@@ -24,8 +24,8 @@ def test_bench_moe_smoke(tmp_path):
     res = json.loads(out.read_text())
     labels = {(r["shape"], r["contender"]) for r in res["rows"]}
     for s in ("a", "b"):
-        for c in ("dsmoe dropless", "dsmoe padded", "dsmoe adaptive", "dsmoe cf=1.25", "deepspeed cf=1.25",
-                  "dense SwiGLU", "transformers Mixtral eager", "transformers Mixtral grouped_mm",
+        for c in ("dsmoe dropless", "dsmoe grouped", "dsmoe padded", "dsmoe adaptive", "dsmoe cf=1.25",
+                  "deepspeed cf=1.25", "dense SwiGLU", "transformers Mixtral eager", "transformers Mixtral grouped_mm",
                   "transformers Qwen3-MoE grouped_mm"):
             assert (s, c) in labels
         # the transformers blocks hold the dsmoe layer's weights: the same function
@@ -51,5 +51,5 @@ def test_bench_moe_busy_core_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["busy_core"] and "spinning process" in res["busy_core_note"]
-    assert {r["contender"] for r in res["rows"]} == {"dense SwiGLU", "dsmoe dropless", "dsmoe padded",
-                                                     "dsmoe adaptive", "dsmoe cf=1.25"}
+    assert {r["contender"] for r in res["rows"]} == {"dense SwiGLU", "dsmoe dropless", "dsmoe grouped",
+                                                     "dsmoe padded", "dsmoe adaptive", "dsmoe cf=1.25"}

@@ -75,11 +75,11 @@ def test_gradients_match_naive_reference(name, ffn):
         close(grads[n], p.grad, n)
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "padded"])
+@pytest.mark.parametrize("kernel", ["grouped", "padded", "bucketed", "auto"])
 @pytest.mark.parametrize("name", ["shared+gate", "gelu", "null", "capacity-null-shared"])
 def test_expert_kernels_equal_the_loop(kernel, name):
-    """Grouped GEMM and the padded batched GEMM give the exact per-expert loop's outputs and gradients (input,
-    experts, router), with null and dropped slots pointing at zero rows."""
+    """Grouped GEMM and the batched GEMMs over padded experts (one bucket or several) give the exact per-expert
+    loop's outputs and gradients (input, experts, router), with null and dropped slots pointing at zero rows."""
     a = make(expert_kernel=kernel, **CONFIGS[name])
     b = make(expert_kernel="loop", **CONFIGS[name])
     x = x_()
@@ -107,9 +107,9 @@ def test_adaptive_kernel_tries_both_and_keeps_the_faster():
         torch.testing.assert_close(oa.hidden_states, b(x).hidden_states, rtol=1e-5, atol=1e-6)
         oa.hidden_states.sum().backward()
     assert all(len(v) == 2 for v in chooser.samples.values()), chooser.samples
-    chooser.samples["padded"].extend([1.0] * 5)            # make padded look slow: grouped must win
+    chooser.samples["bucketed"].extend([1.0] * 5)          # make bucketed look slow: grouped must win
     used = [chooser.pick() for _ in range(2 * chooser.probe_every)]
-    assert used.count("padded") == 2 and set(used) == {"grouped", "padded"}
+    assert used.count("bucketed") == 2 and set(used) == {"grouped", "bucketed"}
     assert chooser.summary()["choice"] == "grouped"
 
 
@@ -117,8 +117,8 @@ def test_padded_layout_points_unused_slots_at_zero_rows():
     from dsmoe.moe.row_plan import plan_rows
     expert = torch.tensor([0, 2, 0, 1, 2, 2])          # 3 tokens x k=2
     keep = torch.tensor([True, True, True, False, True, True])
-    plan = plan_rows(expert, keep, 3, 2, padded=True)
-    assert plan.capacity == 3 and plan.counts.tolist() == [3, 3, 3]
+    plan = plan_rows(expert, keep, 3, 2, max_buckets=1)
+    assert plan.buckets.bounds == ((0, 3, 3),) and plan.counts.tolist() == [3, 3, 3]
     assert plan.routed_counts.tolist() == [2, 0, 3]
     rows = plan.slot_row.tolist()
     assert rows[0] == 0 and rows[2] == 1 and rows[1] == 6 and rows[4] == 7 and rows[5] == 8

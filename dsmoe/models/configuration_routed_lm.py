@@ -134,9 +134,9 @@ class RoutedLMConfig(PreTrainedConfig):
     """Metadata: the time slice a slice expert was trained on ({"name", "start_year", "end_year"}), written by
     the trainer's slice-expert runs (``slices.ranges``) and read by expert mixtures; no effect on the model."""
     moe_expert_kernel: str = "auto"
-    """dsmoe backend: how routed experts multiply their rows, "auto" (grouped GEMM), "grouped", "padded",
-    "adaptive" (on CPU, keeps whichever of grouped/padded its own timings favour: fast on a busy machine, not
-    bitwise reproducible) or "loop"."""
+    """dsmoe backend: how routed experts multiply their rows, "auto" (bucketed on CPU, grouped GEMM on GPU),
+    "grouped", "bucketed", "padded", "adaptive" (on CPU, keeps whichever of grouped/bucketed its own timings
+    favour; not bitwise reproducible) or "loop": see ``MoEConfig.expert_kernel``."""
 
     # ---------------------------------------------------------------- losses and schedules
     aux_loss_coef: float = 0.01

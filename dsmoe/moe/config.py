@@ -10,7 +10,7 @@ SCORE_FUNCS = ("softmax", "sigmoid", "identity")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("dsmoe", "deepspeed")
-EXPERT_KERNELS = ("auto", "grouped", "padded", "adaptive", "loop")
+EXPERT_KERNELS = ("auto", "grouped", "bucketed", "padded", "adaptive", "loop")
 GROUP_SCORES = ("top2_sum", "max")
 
 
@@ -103,12 +103,15 @@ class MoEConfig:
     backend: str = "dsmoe"
     """"dsmoe" (own dispatcher) or "deepspeed" (deepspeed.moe.layer.MoE)."""
     expert_kernel: str = "auto"
-    """How the routed experts multiply their rows: "grouped" (torch's grouped GEMM where it runs, else a loop),
-    "padded" (experts padded to one capacity, one batched GEMM per projection: fastest on a CPU shared with
-    other processes), "adaptive" (on CPU, times grouped and padded on the layer's own calls and keeps the
-    faster, re-checking now and then: fast on idle and on busy machines, not bitwise reproducible; grouped on
-    GPU), "loop" (exact per-expert matmuls) or "auto" (grouped). "padded" and "adaptive" need every expert on
-    one rank (adaptive falls back to grouped under expert parallelism)."""
+    """How the routed experts multiply their rows: "grouped" (torch's grouped GEMM where it runs, else a loop:
+    no padding, one GEMM per expert), "bucketed" (experts sorted by load into at most 8 buckets, each padded to
+    its largest expert, the fewest buckets that pad <= 5% of the rows: one batched GEMM per bucket; on CPU as
+    fast as grouped when idle and faster when other processes share the cores), "padded" (one bucket),
+    "adaptive" (on CPU, times grouped and bucketed on the layer's own calls and keeps the faster, re-checking
+    now and then; not bitwise reproducible; grouped on GPU), "loop" (exact per-expert matmuls) or "auto"
+    (bucketed on CPU, grouped on GPU). Every kernel but "adaptive" gives the same bits for the same batch.
+    Under expert parallelism the rows arrive grouped by expert: "auto" and "adaptive" run grouped there, and
+    "bucketed" and "padded" are refused."""
     use_residual: bool = False
     """backend="deepspeed" only: PR-MoE residual MLP mixed by a learned coefficient."""
     noisy_gate_policy: str | None = None

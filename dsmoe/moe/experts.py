@@ -1,10 +1,11 @@
-"""Routed experts with stacked weights: grouped GEMM, one batched GEMM over padded experts, or an exact loop."""
+"""Routed experts with stacked weights: grouped GEMM, batched GEMMs over buckets of padded experts, or a loop."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buckets import ExpertBuckets, bucketed_matmul
 from .config import MoEConfig
 from .mlp import MLP
 from .swiglu import swiglu
@@ -34,10 +35,10 @@ def _grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs
 class GroupedExperts(nn.Module):
     """E experts as stacked tensors: ``w_in`` (E, H, F) or (E, H, 2F) for SwiGLU [gate | up], ``w_out`` (E, F, H).
 
-    ``MoEConfig.expert_kernel`` picks how the rows are multiplied: "grouped" (``torch._grouped_mm`` where it
-    runs, else the loop), "padded" (rows laid out as [E, capacity, H]: one ``bmm`` per projection, so 6
-    parallel regions per forward+backward instead of 6 x E: robust when other processes share the CPU),
-    "loop" (one matmul per expert: the exact reference) or "auto" (grouped).
+    How the rows are multiplied follows their layout: in buckets of padded experts (the layer's "bucketed",
+    "padded" and, on CPU, "auto" kernels) one ``bmm`` per bucket and projection (:mod:`dsmoe.moe.buckets`);
+    grouped by expert, ``torch._grouped_mm`` where it runs, else (and for ``expert_kernel="loop"``, the exact
+    reference) one matmul per expert.
     """
 
     def __init__(self, cfg: MoEConfig, num_experts: int | None = None):
@@ -58,22 +59,20 @@ class GroupedExperts(nn.Module):
         return self.w_in.shape[0]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None,
-                capacity: int | None = None) -> torch.Tensor:
+                buckets: ExpertBuckets | None = None) -> torch.Tensor:
         """x (R, H) grouped by expert, counts (E_local,) long with sum R -> (R, H).
 
         ``row_weight`` (R,) scales each row before the down projection (the routing weights: a row of weight
-        0 then gives exactly 0). ``capacity``: x is padded, ``E_local x capacity`` rows, expert e owning rows
-        ``[e*capacity, (e+1)*capacity)``; computed with one batched GEMM per projection.
+        0 then gives exactly 0). ``buckets``: x is in that bucket layout instead (``counts`` unused).
         """
         if x.shape[0] == 0:
             # depend on x (so backward still runs the dispatcher's all-to-all, which every rank must join) and on
             # the weights (so every rank produces zero grads for them)
             return x * 0 + 0 * (self.w_in.sum() + self.w_out.sum())
         w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
-        if capacity is not None:
-            e = self.num_experts
-            h = torch.bmm(x.view(e, capacity, -1), w_in).view(x.shape[0], -1)
-            return torch.bmm(self._activate(h, row_weight).view(e, capacity, -1), w_out).view(x.shape[0], -1)
+        if buckets is not None:
+            h = bucketed_matmul(x, w_in, buckets)
+            return bucketed_matmul(self._activate(h, row_weight), w_out, buckets)
         offs = None
         if self.kernel != "loop" and grouped_mm_supported(x, w_in) \
                 and grouped_mm_supported(x, w_out.transpose(1, 2)):

@@ -1,10 +1,11 @@
-"""``expert_kernel="adaptive"``: time the grouped and the padded expert kernels on a layer's own calls, keep the faster.
+"""``expert_kernel="adaptive"``: time the grouped and the bucketed expert kernels on a layer's own calls, keep the faster.
 
-Which one wins on a CPU depends on the machine's load, not only on the shape: grouped GEMM computes no padding
-but runs one parallel region per expert and projection, so when another process holds a core every region
-waits for a descheduled thread; the padded layout computes ``E x capacity`` rows in one batched GEMM per
-projection and degrades far less. On an idle 2-core machine grouped is ~10% faster at E=64; with one core busy
-padded is ~1.5x faster. The chooser measures instead of guessing:
+Which one wins on a CPU depends on the machine's load and on the routing, not only on the shape: grouped GEMM
+computes no padding but runs one parallel region per expert and projection, so when another process holds a
+core every region waits for a descheduled thread; the bucketed layout (:mod:`dsmoe.moe.buckets`) pads a few
+percent of the rows and runs one batched GEMM per bucket, which degrades far less. On a 2-core machine they
+are even when idle at E=64 and bucketed is ~1.3x faster with one core busy. The chooser measures instead of
+guessing:
 
 - the first calls alternate the two kernels until each has ``warmup`` samples;
 - then every call uses the kernel with the lower median time per assignment over its last ``window`` samples;
@@ -14,7 +15,7 @@ A sample is the wall-clock time from the row plan to the experts' output, plus, 
 backpropagated, the experts' backward (from the gradient reaching their output to it leaving their input rows):
 the backward holds two thirds of the GEMMs and most of the difference under load. Only meaningful where
 kernels run synchronously (CPU); the layer uses grouped on GPU.
-Results then depend on timing, so runs are not bitwise reproducible: choose "grouped" or "padded" for that.
+Results then depend on timing, so runs are not bitwise reproducible: every other kernel is.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from collections import deque
 
 import torch
 
-KERNELS = ("grouped", "padded")
+KERNELS = ("grouped", "bucketed")
 
 
 class KernelChooser:

@@ -13,12 +13,15 @@ from . import losses
 from .capacity import expert_capacity, keep_within_capacity
 from .config import MoEConfig
 from .dispatcher import AllToAllDispatcher, LocalDispatcher, TokenDispatcher
+from .buckets import MAX_BUCKETS
 from .experts import GroupedExperts, SharedExperts
 from .interface import KEEP, ExpertShard, MoELayerBase, MoEOutput
 from .kernel_choice import KernelChooser
 from .router import Router
 from .row_plan import combine_rows, gather_rows, plan_rows
 from .stats import MoEStats
+
+LAYOUT_BUCKETS = {"padded": 1, "bucketed": MAX_BUCKETS}   # the kernels with the bucket layout: buckets at most
 
 
 class MoELayer(MoELayerBase):
@@ -46,9 +49,9 @@ class MoELayer(MoELayerBase):
         e = self.cfg.num_experts
         if e % p:
             raise ValueError(f"num_experts={e} is not divisible by the expert-parallel group size {p}")
-        if self.cfg.expert_kernel == "padded" and p > 1:
-            raise ValueError(f"MoEConfig.expert_kernel='padded' needs every expert on one rank, but the "
-                             f"expert-parallel group has {p} ranks: use 'auto', 'grouped' or 'adaptive'")
+        if self.cfg.expert_kernel in ("padded", "bucketed") and p > 1:
+            raise ValueError(f"MoEConfig.expert_kernel={self.cfg.expert_kernel!r} needs every expert on one rank, "
+                             f"but the expert-parallel group has {p} ranks: use 'auto', 'grouped' or 'adaptive'")
         if self.experts.num_experts != e:
             raise RuntimeError("apply_expert_parallel was already applied to this layer")
         if p == 1:
@@ -86,13 +89,17 @@ class MoELayer(MoELayerBase):
 
     # ------------------------------------------------------------------ forward
     def _pick_kernel(self, x: torch.Tensor) -> str | None:
-        """"padded" or "grouped" where the layout is the layer's to choose (every expert on this rank), else None."""
+        """"bucketed", "padded" or "grouped" where the layout is the layer's to choose (every expert on this
+        rank), else None. "auto" is bucketed on CPU, grouped elsewhere."""
         if self.expert_parallel_size > 1:
             return None
         kernel = self.cfg.expert_kernel
+        on_cpu = x.device.type == "cpu"
         if kernel == "adaptive":
-            return self.kernel_chooser.pick() if x.device.type == "cpu" else "grouped"
-        return "padded" if kernel == "padded" else "grouped"
+            return self.kernel_chooser.pick() if on_cpu else "grouped"
+        if kernel == "auto":
+            return "bucketed" if on_cpu else "grouped"
+        return kernel if kernel in ("padded", "bucketed") else "grouped"
 
     def forward(self, x: torch.Tensor, capacity_factor=KEEP, token_priority: torch.Tensor | None = None,
                 ) -> MoEOutput:
@@ -134,7 +141,7 @@ class MoELayer(MoELayerBase):
         filtered = cap is not None or cfg.num_null_experts > 0
         kernel = self._pick_kernel(x2)
         timer = self.kernel_chooser.timer(kernel, n * k) if self.kernel_chooser is not None and kernel else None
-        plan = plan_rows(flat_expert, keep if filtered else None, e, k, kernel == "padded")
+        plan = plan_rows(flat_expert, keep if filtered else None, e, k, LAYOUT_BUCKETS.get(kernel))
         counts = plan.routed_counts
 
         rows = gather_rows(x2, plan)
@@ -147,7 +154,7 @@ class MoELayer(MoELayerBase):
         # when it is narrower than the hidden size (and the rows stay on this rank), else by the combine; either
         # way the combine is a sum over the k choices by gathers only: deterministic, no zero-filled buffers
         in_experts = cfg.expert_hidden_size < cfg.hidden_size and self.expert_parallel_size == 1
-        y = self.experts(d.tokens, d.counts, plan.row_weights(flat_weight) if in_experts else None, plan.capacity)
+        y = self.experts(d.tokens, d.counts, plan.row_weights(flat_weight) if in_experts else None, plan.buckets)
         if timer is not None:
             y = timer.output(y)
         y = self.dispatcher.combine(y, d)

@@ -11,8 +11,9 @@ Two layouts:
 
 - **grouped**: rows sorted by expert, ``counts[e]`` rows each, plus one trailing *zero row* (weight 0, owned
   by the last expert); for grouped GEMM and for the expert-parallel exchange;
-- **padded**: ``E x capacity`` rows (capacity = the largest expert's count, +1 if all are equal), unused rows
-  are zero rows; for one batched GEMM over [E, capacity, H].
+- **buckets** (:mod:`dsmoe.moe.buckets`): the experts cut into a few buckets, every expert of a bucket padded
+  to the same row count, unused rows are zero rows; one batched GEMM per bucket and projection (one bucket:
+  the padded layout, [E, capacity, H]).
 
 Null and dropped slots point at a zero row, and a zero row only ever enters a sum with routing weight 0, so it
 adds exactly 0 to the output and receives exactly 0 gradient: both gathers have gathers as their backward (no
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .buckets import ExpertBuckets, choose_buckets
+
 
 @dataclass
 class RowPlan:
@@ -41,7 +44,7 @@ class RowPlan:
     counts: torch.Tensor           # (E,) long rows per expert (zero rows included)
     routed_counts: torch.Tensor    # (E,) long computed assignments per expert (for statistics)
     top_k: int
-    capacity: int | None = None    # set for the padded layout
+    buckets: ExpertBuckets | None = None   # set for the bucket layout
     computed: torch.Tensor | None = None   # (S,) 1.0 where the slot was computed, 0.0 not; None: all were
 
     @property
@@ -59,37 +62,35 @@ def _per_row(slot_weight: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
 
 
 def plan_rows(slot_expert: torch.Tensor, keep: torch.Tensor | None, num_experts: int, top_k: int,
-              padded: bool = False) -> RowPlan:
+              max_buckets: int | None = None) -> RowPlan:
     """The row layout for ``slot_expert`` (S,) experts per slot; ``keep`` (S,) bool marks computed slots
-    (None: all are). ``padded`` selects the padded layout, else the grouped one."""
+    (None: all are). ``max_buckets`` selects the bucket layout with at most that many buckets (1: padded),
+    None the grouped one."""
     s, e, dev = slot_expert.numel(), num_experts, slot_expert.device
     expert = slot_expert if keep is None else torch.where(keep, slot_expert, e)   # not computed: sort last
     order = torch.argsort(expert, stable=True)              # sorted position -> slot (token order per expert)
     routed = torch.bincount(expert, minlength=e + 1)[:e]
     n_real = s if keep is None else int(routed.sum())
     real = order[:n_real]
-    if not padded:
+    if max_buckets is None:
         rows_sorted = torch.arange(n_real, device=dev)
         zero_row = n_real
         counts = routed.clone()
         counts[-1] += 1
-        n_rows, capacity = n_real + 1, None
+        n_rows, buckets = n_real + 1, None
     else:
-        top, low = int(routed.max()), int(routed.min())
-        capacity = top + (1 if top == low else 0)           # at least one unused row: the zero row
+        buckets = choose_buckets(routed, max_buckets)
         start = torch.cumsum(routed, 0) - routed
         sorted_expert = expert[real]
-        rows_sorted = sorted_expert * capacity + torch.arange(n_real, device=dev) - start[sorted_expert]
-        zero_row = int(torch.argmin(routed)) * capacity + capacity - 1
-        counts = torch.full((e,), capacity, dtype=torch.long, device=dev)
-        n_rows = e * capacity
+        rows_sorted = buckets.row_start[sorted_expert] + torch.arange(n_real, device=dev) - start[sorted_expert]
+        zero_row, counts, n_rows = buckets.zero_row, buckets.rows_per_expert, buckets.num_rows
     slot_row = torch.full((s,), zero_row, dtype=torch.long, device=dev) if n_real < s else torch.empty_like(order)
     slot_row[real] = rows_sorted
     row_slot = torch.full((n_rows,), s, dtype=torch.long, device=dev)
     row_slot[rows_sorted] = real
     row_token = torch.where(row_slot < s, row_slot // top_k, 0)
     computed = None if keep is None else keep.float()
-    return RowPlan(row_token, slot_row, row_slot, counts, routed, top_k, capacity, computed)
+    return RowPlan(row_token, slot_row, row_slot, counts, routed, top_k, buckets, computed)
 
 
 def _sum_of_rows(rows: torch.Tensor, slot_row: torch.Tensor, k: int,

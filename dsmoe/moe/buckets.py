@@ -1,0 +1,132 @@
+"""Padded expert layouts: experts sorted by load into a few buckets, each bucket one batched GEMM per projection.
+
+Grouped GEMM computes no padding but, on a CPU, runs one parallel region per expert and projection (6 x E per
+forward+backward); when another process holds a core every region waits for a descheduled thread. Padding every
+expert to the largest one's row count needs one batched GEMM per projection, but pads 20-30% of the rows at
+E=64. Buckets sit between the two: the experts are sorted by their row count (largest first, ties by index) and
+cut into up to ``max_buckets`` buckets of equal size, each padded to its first (largest) expert's count; the
+fewest buckets whose padding is at most ``WASTE`` of the rows are used. At E=64 top-8 that is 4 buckets and ~4%
+padding: 24 GEMM regions; on a 2-core CPU as fast as grouped GEMM when idle and ~1.3x faster with one core busy.
+
+The weights are gathered once per call into the buckets' order (one copy of a projection's expert weights,
+kept for the backward; none when the order is the experts' own, as with one bucket); the backward computes the
+weight gradient in that order and writes it back to the experts' own in one pass. Every step is a fixed
+sequence of ops decided by the row counts alone: the same batch gives the same bits, run after run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+WASTE = 0.05
+"""The padding (as a share of the computed rows) below which fewer buckets are preferred."""
+MAX_BUCKETS = 8
+"""Buckets of the "bucketed" kernel at most (the "padded" kernel is one bucket)."""
+
+
+@dataclass(frozen=True)
+class ExpertBuckets:
+    """Where each expert's rows live: bucket ``b`` holds the experts ``order[first:end]`` for ``(first, end,
+    capacity)`` in ``bounds``, ``capacity`` rows each, buckets one after the other."""
+
+    order: torch.Tensor                        # (E,) long: position -> expert
+    bounds: tuple[tuple[int, int, int], ...]   # per bucket: (first position, end position, rows per expert)
+    row_start: torch.Tensor                    # (E,) long: first row of each expert
+    rows_per_expert: torch.Tensor              # (E,) long: its bucket's capacity
+    zero_row: int                              # a row no assignment uses (every bucket layout has one)
+    identity: bool                             # order is 0..E-1: bucket weights are views, no gather
+
+    @property
+    def num_rows(self) -> int:
+        return sum((end - first) * cap for first, end, cap in self.bounds)
+
+
+def choose_buckets(counts: torch.Tensor, max_buckets: int) -> ExpertBuckets:
+    """The bucket layout for ``counts`` (E,) rows per expert: the fewest of 1..``max_buckets`` equal-size buckets
+    of the experts sorted by count whose padded rows exceed the counts' sum by at most :data:`WASTE` (else the
+    one with the fewest padded rows). One bucket keeps the experts' own order. At least one row is left unused
+    (the layout's zero row): when every expert fills its bucket, the last bucket gets one more row."""
+    e, dev = counts.numel(), counts.device
+    if max_buckets == 1:
+        order = torch.arange(e, device=dev)
+    else:
+        order = torch.argsort(counts, descending=True, stable=True)
+    c = counts[order].tolist()
+    total = sum(c)
+    best = None
+    for b in range(1, min(max_buckets, e) + 1):
+        size = math.ceil(e / b)
+        starts = range(0, e, size)
+        caps = [max(c[s:s + size]) for s in starts]     # one bucket (original order) is not sorted
+        rows = sum(min(size, e - s) * cap for s, cap in zip(starts, caps))
+        cand = (rows, size, caps)
+        if best is None or rows < best[0]:
+            best = cand
+        if rows <= (1 + WASTE) * total:
+            best = cand
+            break
+    rows, size, caps = best
+    bounds = [[s, min(s + size, e), cap] for s, cap in zip(range(0, e, size), caps)]
+    if rows == total:                                   # no unused row: make one
+        bounds[-1][2] += 1
+    per_pos = torch.tensor([cap for first, end, cap in bounds for _ in range(first, end)], device=dev)
+    start_pos = torch.cumsum(per_pos, 0) - per_pos
+    row_start, rows_per_expert = torch.empty_like(start_pos), torch.empty_like(per_pos)
+    row_start[order], rows_per_expert[order] = start_pos, per_pos
+    slack = rows_per_expert - counts
+    free = int(torch.argmax(slack))                     # an expert with an unused row at the end of its block
+    zero_row = int(row_start[free] + rows_per_expert[free] - 1)
+    identity = max_buckets == 1 or bool(torch.equal(order, torch.arange(e, device=dev)))
+    return ExpertBuckets(order, tuple(tuple(x) for x in bounds), row_start, rows_per_expert, zero_row, identity)
+
+
+class _BucketedMatmul(torch.autograd.Function):
+    """x (R, K) in the bucket layout, w (E, K, M) -> (R, M): one ``bmm`` per bucket, written in place."""
+
+    @staticmethod
+    def forward(ctx, x, w, buckets: ExpertBuckets):
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        # the weights in bucket order, gathered once (kept for the backward); a view when the order is the experts'
+        wb = w if buckets.identity else w.index_select(0, buckets.order)
+        for rows, shape, first, end in _spans(buckets):
+            torch.bmm(x[rows].view(shape), wb[first:end], out=out[rows].view(shape))
+        ctx.save_for_backward(x, wb, buckets.order)
+        ctx.buckets = buckets
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, wb, order = ctx.saved_tensors
+        b = ctx.buckets
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad = grad.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        dwb = torch.empty_like(wb) if need_w else None
+        if need_w and any(cap == 0 for _, _, cap in b.bounds):
+            dwb.zero_()                                 # experts of an empty bucket get no gradient
+        for rows, shape, first, end in _spans(b):
+            g = grad[rows].view(shape)
+            if need_x:
+                torch.bmm(g, wb[first:end].transpose(1, 2), out=dx[rows].view(shape))
+            if need_w:
+                torch.bmm(x[rows].view(shape).transpose(1, 2), g, out=dwb[first:end])
+        dw = dwb if dwb is None or b.identity else torch.empty_like(dwb).index_copy_(0, order, dwb)
+        return dx, dw, None
+
+
+def _spans(b: ExpertBuckets):
+    """Per non-empty bucket: its rows (a slice), their (experts, capacity, -1) shape and its positions."""
+    r0 = 0
+    for first, end, cap in b.bounds:
+        n = (end - first) * cap
+        if n:
+            yield slice(r0, r0 + n), (end - first, cap, -1), first, end
+        r0 += n
+
+
+def bucketed_matmul(x: torch.Tensor, w: torch.Tensor, buckets: ExpertBuckets) -> torch.Tensor:
+    """x (R, K) rows in ``buckets``' layout times each row's expert's w (E, K, M) -> (R, M)."""
+    return _BucketedMatmul.apply(x, w, buckets)
