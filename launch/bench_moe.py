@@ -2,8 +2,8 @@
 """Forward+backward speed of dsmoe's MoELayer against a dense SwiGLU FFN of equal active FLOPs (the ceiling),
 transformers' Mixtral and Qwen3-MoE blocks (same weights) and DeepSpeed's MoE layer.
 
-One process, interleaved: every round runs each contender of a shape once, in turn (round-robin), after
-``--warmup`` such rounds; the reported time is the median over ``--reps`` rounds, with min..max.
+One process, interleaved: every round runs each contender of a shape once, in turn (round-robin, each round
+starting one contender later), after ``--warmup`` such rounds; the reported time is the median over ``--reps`` rounds, with min..max.
 
 Shapes (CPU sizes; --device cuda uses larger ones, --smoke tiny ones)
   (a) Mixtral-like   H=256 F=512 E=8 k=2
@@ -335,11 +335,15 @@ def step(c: Contender, run, x, dy, device):
 
 
 def bench(contenders, runs, x, dy, device, warmup, reps, log):
+    """Round-robin rounds; each round starts one contender later, so none always runs right after the same
+    one (on a CPU the step after the dense FFN's large allocations, or after a spinner's timeslice, differs)."""
     cont = None
+    pairs = list(zip(contenders, runs))
     for r in range(warmup + reps):
         if r == warmup:
             cont = CpuContention()
-        for c, run in zip(contenders, runs):
+        shift = r % len(pairs)
+        for c, run in pairs[shift:] + pairs[:shift]:
             dt = step(c, run, x, dy, device)
             if r >= warmup:
                 c.times.append(dt)

@@ -2,7 +2,7 @@
 """Training-step throughput, TFLOP/s and MFU of full RoutedLM models: two MoE shapes and their dense baseline.
 
 One process, interleaved: every round runs one full training step (forward + backward + AdamW step, plus the
-expert-bias update of noaux_tc balancing) of each model in turn (round-robin), after ``--warmup`` such rounds;
+expert-bias update of noaux_tc balancing) of each model in turn (round-robin, each round starting one model later), after ``--warmup`` such rounds;
 the reported time is the median over ``--reps`` rounds. All models share width, depth, heads, sequence length
 and micro-batch, and each round feeds the same random token ids to all of them.
 
@@ -307,7 +307,8 @@ def bench(benches, s: Sizes, device, warmup, reps, gen, log, auto):
     cont = CpuContention()
     for r in range(reps):
         ids = torch.randint(0, s.vocab, (s.batch, s.seq), device=device, generator=gen)
-        for b in benches:
+        shift = r % len(benches)                 # each round starts one model later: no fixed neighbour
+        for b in benches[shift:] + benches[:shift]:
             train_step(b, ids, warmup + r, device, record=True)
     return cont.share()
 

@@ -5,8 +5,10 @@ forward+backward); when another process holds a core every region waits for a de
 expert to the largest one's row count needs one batched GEMM per projection, but pads 20-30% of the rows at
 E=64. Buckets sit between the two: the experts are sorted by their row count (largest first, ties by index) and
 cut into up to ``max_buckets`` buckets of equal size, each padded to its first (largest) expert's count; the
-fewest buckets whose padding is at most ``WASTE`` of the rows are used. At E=64 top-8 that is 4 buckets and ~4%
-padding: 24 GEMM regions; on a 2-core CPU as fast as grouped GEMM when idle and ~1.3x faster with one core busy.
+fewest buckets whose padding is at most ``WASTE`` of the rows are used, unless one bucket in the experts' own
+order (no weight gather, see :data:`GATHER_ROWS`) is cheaper. At E=64 top-8 that is 4-6 sorted buckets and ~4%
+padding (24-36 GEMM regions instead of 384); on a 2-core CPU as fast as grouped GEMM when idle and ~1.3x faster
+with one core busy. At E=8 top-2 one bucket usually wins (~6% padding).
 
 The weights are gathered once per call into the buckets' order (one copy of a projection's expert weights,
 kept for the backward; none when the order is the experts' own, as with one bucket); the backward computes the
@@ -24,6 +26,11 @@ WASTE = 0.05
 """The padding (as a share of the computed rows) below which fewer buckets are preferred."""
 MAX_BUCKETS = 8
 """Buckets of the "bucketed" kernel at most (the "padded" kernel is one bucket)."""
+GATHER_ROWS = 40.0
+"""What gathering one expert's weights into the buckets' order and writing its gradient back costs, in padded
+rows: copies of its 3HF weights against 18HF FLOPs per padded row (forward+backward); ~40 on a 2-core AVX2 CPU
+(memory ~15x slower than the GEMMs per element), so sorting pays at E=64 top-8 (~25% less padding) and not at
+E=8 top-2 (~3%)."""
 
 
 @dataclass(frozen=True)
@@ -43,31 +50,36 @@ class ExpertBuckets:
         return sum((end - first) * cap for first, end, cap in self.bounds)
 
 
-def choose_buckets(counts: torch.Tensor, max_buckets: int) -> ExpertBuckets:
-    """The bucket layout for ``counts`` (E,) rows per expert: the fewest of 1..``max_buckets`` equal-size buckets
-    of the experts sorted by count whose padded rows exceed the counts' sum by at most :data:`WASTE` (else the
-    one with the fewest padded rows). One bucket keeps the experts' own order. At least one row is left unused
-    (the layout's zero row): when every expert fills its bucket, the last bucket gets one more row."""
+def choose_buckets(counts: torch.Tensor, max_buckets: int, gather_rows: float | None = None) -> ExpertBuckets:
+    """The bucket layout for ``counts`` (E,) rows per expert, at most ``max_buckets`` buckets.
+
+    Two candidates: one bucket in the experts' own order (no weight gather), and the fewest of 2..``max_buckets``
+    equal-size buckets of the experts sorted by count whose padded rows exceed the counts' sum by at most
+    :data:`WASTE` (else the one with the fewest padded rows). The sorted one is used when its padded rows plus
+    ``gather_rows`` (default :data:`GATHER_ROWS`) per expert, the price of gathering the weights, are fewer.
+    At least one row is left unused (the layout's zero row): when every expert fills its bucket, the last
+    bucket gets one more row."""
     e, dev = counts.numel(), counts.device
-    if max_buckets == 1:
-        order = torch.arange(e, device=dev)
-    else:
-        order = torch.argsort(counts, descending=True, stable=True)
-    c = counts[order].tolist()
-    total = sum(c)
-    best = None
-    for b in range(1, min(max_buckets, e) + 1):
-        size = math.ceil(e / b)
-        starts = range(0, e, size)
-        caps = [max(c[s:s + size]) for s in starts]     # one bucket (original order) is not sorted
-        rows = sum(min(size, e - s) * cap for s, cap in zip(starts, caps))
-        cand = (rows, size, caps)
-        if best is None or rows < best[0]:
-            best = cand
-        if rows <= (1 + WASTE) * total:
-            best = cand
-            break
-    rows, size, caps = best
+    gather_rows = GATHER_ROWS if gather_rows is None else gather_rows
+    own = counts.tolist()
+    total = sum(own)
+    order, size, caps = torch.arange(e, device=dev), e, [max(own)]
+    rows = e * caps[0]
+    if max_buckets > 1 and e > 1:
+        by_count = torch.argsort(counts, descending=True, stable=True)
+        c = counts[by_count].tolist()
+        best = None
+        for nb in range(2, min(max_buckets, e) + 1):
+            size_b = math.ceil(e / nb)
+            caps_b = c[::size_b]                            # sorted: a bucket's first expert is its largest
+            rows_b = sum(min(size_b, e - s) * cap for s, cap in zip(range(0, e, size_b), caps_b))
+            if best is None or rows_b < best[0] or rows_b <= (1 + WASTE) * total:
+                best = (rows_b, size_b, caps_b)
+            if rows_b <= (1 + WASTE) * total:
+                break
+        if best[0] + gather_rows * e < rows:
+            rows, size, caps = best
+            order = by_count
     bounds = [[s, min(s + size, e), cap] for s, cap in zip(range(0, e, size), caps)]
     if rows == total:                                   # no unused row: make one
         bounds[-1][2] += 1
