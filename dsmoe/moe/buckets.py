@@ -28,7 +28,7 @@ MAX_BUCKETS = 8
 """Buckets of the "bucketed" kernel at most (the "padded" kernel is one bucket)."""
 GATHER_ROWS = 40.0
 """What sorting the experts costs, in padded rows per expert: gathering its 3HF weights into the buckets' order
-and writing its gradient back (18HF FLOPs per padded row forward+backward) measures ~12 rows on an idle 2-core
+and writing its gradient back (18HF FLOPs per padded row forward+backward) measures ~13 rows on an idle 2-core
 AVX2 CPU; the rest pays for the extra buckets' GEMM calls, each a parallel region that waits when another
 process holds a core (two sorted buckets at E=8 top-2 were ~10% slower than one with a core busy). Sorting
 pays at E=64 top-8 (~25% less padding) and not at E=8 top-2 (~3%)."""
