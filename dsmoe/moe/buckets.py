@@ -7,8 +7,8 @@ E=64. Buckets sit between the two: the experts are sorted by their row count (la
 cut into up to ``max_buckets`` buckets of equal size, each padded to its first (largest) expert's count; the
 fewest buckets whose padding is at most ``WASTE`` of the rows are used, unless one bucket in the experts' own
 order (no weight gather, see :data:`GATHER_ROWS`) is cheaper. At E=64 top-8 that is 4-6 sorted buckets and ~4%
-padding (24-36 GEMM regions instead of 384); on a 2-core CPU as fast as grouped GEMM when idle and ~1.3x faster
-with one core busy. At E=8 top-2 one bucket usually wins (~6% padding).
+padding (24-36 GEMM regions instead of 384); on a 2-core CPU within the noise of grouped GEMM when idle and
+1.05-1.5x faster with one core busy (three runs). At E=8 top-2 one bucket usually wins (~6% padding).
 
 The weights are gathered once per call into the buckets' order (one copy of a projection's expert weights,
 kept for the backward; none when the order is the experts' own, as with one bucket); the backward computes the
@@ -30,8 +30,8 @@ GATHER_ROWS = 40.0
 """What sorting the experts costs, in padded rows per expert: gathering its 3HF weights into the buckets' order
 and writing its gradient back (18HF FLOPs per padded row forward+backward) measures ~13 rows on an idle 2-core
 AVX2 CPU; the rest pays for the extra buckets' GEMM calls, each a parallel region that waits when another
-process holds a core (two sorted buckets at E=8 top-2 were ~10% slower than one with a core busy). Sorting
-pays at E=64 top-8 (~25% less padding) and not at E=8 top-2 (~3%)."""
+process holds a core (in one busy-core measurement two sorted buckets at E=8 top-2 were ~10% slower than
+one). Sorting pays at E=64 top-8 (~25% less padding) and not at E=8 top-2 (~3%)."""
 
 
 @dataclass(frozen=True)
