@@ -42,8 +42,19 @@ def machine_line(device: str, dtype: torch.dtype, packages: tuple[str, ...] = ()
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         parts.insert(1, f"GPU {props.name} (cc {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)")
+    parts.append(openmp_note())
     parts.append(f"device={device} dtype={str(dtype).replace('torch.', '')}")
     return "machine: " + " | ".join(parts)
+
+
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+
+
+def openmp_note() -> str:
+    """The OpenMP settings this process started with (how idle worker threads wait decides the speed on a shared
+    machine: spinning threads compete with other processes for their cores)."""
+    set_ = [f"{k}={os.environ[k]}" for k in OPENMP_VARIABLES if k in os.environ]
+    return "OpenMP: " + (" ".join(set_) if set_ else "defaults")
 
 
 class CpuContention:

@@ -13,11 +13,13 @@ def test_bench_moe_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE")}
     env["CUDA_VISIBLE_DEVICES"] = ""   # CPU path; a first run on a fresh machine JIT-builds DeepSpeed's shm op (~1.5 min)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"   # the machine line must name the OpenMP setting the run started with
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_moe.py"), "--smoke", "--device", "cpu",
                            "--threads", "1", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine: CPU" in proc.stdout
+    assert "OpenMP: " in proc.stdout and "OMP_WAIT_POLICY=PASSIVE" in proc.stdout
     assert "% of dense" in proc.stdout and "the strongest other" in proc.stdout and "null efficiency" in proc.stdout
     assert "malloc: heap only" in proc.stdout          # the CPU allocation setting is applied and named
 
