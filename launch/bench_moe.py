@@ -2,8 +2,8 @@
 """Forward+backward speed of dsmoe's MoELayer against a dense SwiGLU FFN of equal active FLOPs (the ceiling),
 transformers' Mixtral and Qwen3-MoE blocks (same weights) and DeepSpeed's MoE layer.
 
-One process, interleaved: every round runs each contender of a shape once, in turn (round-robin, each round
-starting one contender later), after ``--warmup`` such rounds; the reported time is the median over ``--reps`` rounds, with min..max.
+One process, interleaved: every round runs each contender of a shape once, in a seeded random order of its
+own, after ``--warmup`` such rounds; the reported time is the median over ``--reps`` rounds, with min..max.
 
 Shapes (CPU sizes; --device cuda uses larger ones, --smoke tiny ones)
   (a) Mixtral-like   H=256 F=512 E=8 k=2
@@ -15,7 +15,7 @@ Contenders per shape
   dense SwiGLU           the ceiling: one fused SwiGLU FFN of inner width k*F (+ shared width), same active FLOPs
   dsmoe dropless         MoELayer, capacity_factor=None, expert_kernel="auto"; on (a)/(b) built with
                          MoELayer.from_hf from the transformers block below (the same weights)
-                         ("auto" = "bucketed" on CPU: experts sorted by load into a few padded buckets, one
+                         ("auto" = "bucketed" on CPU: experts cut into a few padded buckets, one
                          batched GEMM per bucket; "grouped" on GPU)
   dsmoe grouped          the same layer with expert_kernel="grouped" (grouped GEMM: one GEMM per expert)
   dsmoe padded           the same layer with expert_kernel="padded" (one bucket: one batched GEMM per projection)
@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from dsmoe.benchmarking import BusyCore, CpuContention, log, machine_line, media
 from dsmoe.cpu_allocator import allocator_note, keep_cpu_allocations  # noqa: E402
 from dsmoe.deepspeed_comm import init_deepspeed_comm  # noqa: E402
 from dsmoe.moe import MLP, MoEConfig, MoELayer  # noqa: E402
+from dsmoe.moe.buckets import MAX_BUCKETS, choose_buckets  # noqa: E402
 from dsmoe.ports import free_port  # noqa: E402
 
 TARGETS = {
@@ -335,15 +337,18 @@ def step(c: Contender, run, x, dy, device):
 
 
 def bench(contenders, runs, x, dy, device, warmup, reps, log):
-    """Round-robin rounds; each round starts one contender later, so none always runs right after the same
-    one (on a CPU the step after the dense FFN's large allocations, or after a spinner's timeslice, differs)."""
+    """Rounds of every contender once, each round in its own seeded random order, so no contender always runs
+    right after the same one (on a CPU the step after the dense FFN's large allocations, or after a spinner's
+    timeslice, differs: with a fixed order rotated by one per round, the contender listed after the dense FFN
+    followed it in all but one round, and with a core busy measured ~10% slower than the same ops elsewhere)."""
     cont = None
     pairs = list(zip(contenders, runs))
     for r in range(warmup + reps):
         if r == warmup:
             cont = CpuContention()
-        shift = r % len(pairs)
-        for c, run in pairs[shift:] + pairs[:shift]:
+        order = pairs[:]
+        random.Random(r).shuffle(order)
+        for c, run in order:
             dt = step(c, run, x, dy, device)
             if r >= warmup:
                 c.times.append(dt)
@@ -409,6 +414,19 @@ def check_same_function(made, x) -> dict:
         return {label: float((m[1](x) - y).abs().max()) for _, label, kind, m in made if kind == "transformers"}
 
 
+def bucket_layout(made, x) -> str | None:
+    """The bucket layout the dropless layer's bucketed kernel uses for this batch (CPU 'auto'), in words."""
+    layer = next(m for _, label, _, m in made if label == "dsmoe dropless")[0]
+    if x.device.type != "cpu" or layer.cfg.num_null_experts:
+        return None
+    with torch.no_grad():
+        idx = layer.router(x.reshape(-1, layer.cfg.hidden_size)).topk_idx.reshape(-1)
+    b = choose_buckets(torch.bincount(idx, minlength=layer.cfg.num_experts), MAX_BUCKETS)
+    sizes = "+".join(str(end - first) for first, end, _ in b.bounds)
+    return (f"{len(b.bounds)} bucket(s) of {sizes} experts, {'their own order' if b.identity else 'sorted by load'}, "
+            f"{100 * (b.num_rows / idx.numel() - 1):.1f}% padding")
+
+
 def time_group(names: list[str], sh: Shape, args, device, dtype, warmup, reps, results) -> tuple[list, float | None]:
     """Build every contender of one shape (and (c) when asked) and time them round-robin."""
     log(f"shape ({names[0]}) {sh.describe()}" + ("  + (c) null experts" if "c" in names else ""))
@@ -419,6 +437,10 @@ def time_group(names: list[str], sh: Shape, args, device, dtype, warmup, reps, r
     if diffs:
         results.setdefault("max_abs_diff_vs_dsmoe", {})[sh.name] = diffs
         log("  same weights: max |transformers - dsmoe| = " + ", ".join(f"{v:.1e} ({k})" for k, v in diffs.items()))
+    layout = bucket_layout(made, x)
+    if layout:
+        results.setdefault("bucket_layout", {})[sh.name] = layout
+        log(f"  dsmoe dropless on this batch: {layout}")
     contenders = [Contender(shape, label, mod, kind, fl, inf) for shape, label, kind, (mod, _, fl, inf) in made]
     runs = [run for *_, (_, run, _, _) in made]
     return contenders, bench(contenders, runs, x, dy, device, warmup, reps, log)
@@ -443,7 +465,7 @@ def verdict(val: float, target: float) -> str:
 
 def print_table(rows: list[dict], results: dict, contention: dict, warmup: int, reps: int, device, dtype_name,
                 busy: bool):
-    print(f"timing: forward+backward, {warmup} warmup + {reps} timed round-robin rounds, median (min..max); "
+    print(f"timing: forward+backward, {warmup} warmup + {reps} timed interleaved rounds (random order), median (min..max); "
           f"fp32 on CPU / bf16 on GPU (here {dtype_name} on {device})")
     print("FLOPs: useful matmul work of computed assignments only (2*3*H*F per kept token-expert pair "
           "+ shared 2*N*3*H*Fs + router 2*N*H*C), x3 for fwd+bwd; capacity padding not counted")

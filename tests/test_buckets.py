@@ -15,14 +15,17 @@ def blocks(b):
     return out
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("counts,max_buckets", [
     ([10, 0, 3, 7, 7, 2, 9, 1], 8), ([10, 0, 3, 7, 7, 2, 9, 1], 1), ([4, 4, 4, 4], 8), ([5, 4, 0, 0], 2),
     ([int(c) for c in torch.randint(400, 620, (64,), generator=torch.Generator().manual_seed(0))], 8),
 ])
-def test_layout_tiles_the_rows_and_keeps_a_zero_row(counts, max_buckets):
+def test_layout_tiles_the_rows_and_keeps_a_zero_row(counts, max_buckets, threads):
     c = torch.tensor(counts)
-    b = choose_buckets(c, max_buckets, gather_rows=0)       # free weight gathers: sorted whenever it pads less
+    b = choose_buckets(c, max_buckets, gather_rows=0, threads=threads)   # free weight gathers: sorted if it pads less
     assert len(b.bounds) <= max_buckets
+    sizes = [end - first for first, end, _ in b.bounds]
+    assert all(n % threads == 0 for n in sizes[:-1] if n >= threads), f"{sizes}: a bucket's experts split evenly"
     spans = blocks(b)
     assert sorted(spans) == list(range(len(counts)))
     covered = sorted((s, t) for s, t, _ in spans.values())
@@ -59,6 +62,15 @@ def test_one_bucket_when_sorting_saves_less_than_the_weight_gather():
     assert b.identity and len(b.bounds) == 1 and b.num_rows == 8 * 1085
     sorted_ = choose_buckets(counts, 8, gather_rows=0)
     assert not sorted_.identity and sorted_.num_rows < b.num_rows
+
+
+def test_buckets_split_evenly_over_the_threads():
+    """A bucket's batched GEMM splits its experts among the threads: with 2 threads the 64 experts go into
+    buckets of 14+14+14+14+8 (one thread takes 13+13+13+13+12, whose odd buckets would idle one of two threads)."""
+    counts = torch.tensor([int(c) for c in torch.randint(400, 620, (64,), generator=torch.Generator().manual_seed(0))])
+    sizes = {t: [end - first for first, end, _ in choose_buckets(counts, 8, threads=t).bounds] for t in (1, 2, 4)}
+    assert sizes[1] == [13, 13, 13, 13, 12] and sizes[2] == [14, 14, 14, 14, 8]
+    assert all(n % 4 == 0 for n in sizes[4]), sizes[4]
 
 
 @pytest.mark.parametrize("counts,max_buckets", [([6, 0, 3, 5, 5, 2, 4, 1], 8), ([6, 0, 3, 5], 1), ([5, 4, 0, 0], 2)])

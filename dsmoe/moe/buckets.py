@@ -6,14 +6,16 @@ expert to the largest one's row count needs one batched GEMM per projection, but
 E=64. Buckets sit between the two: the experts are sorted by their row count (largest first, ties by index) and
 cut into up to ``max_buckets`` buckets of equal size, each padded to its first (largest) expert's count; the
 fewest buckets whose padding is at most ``WASTE`` of the rows are used, unless one bucket in the experts' own
-order (no weight gather, see :data:`GATHER_ROWS`) is cheaper. At E=64 top-8 that is 4-6 sorted buckets and ~4%
-padding (24-36 GEMM regions instead of 384); on a 2-core CPU within the noise of grouped GEMM when idle and
-1.05-1.5x faster with one core busy (three runs). At E=8 top-2 one bucket usually wins (~6% padding).
+order (no weight gather, see :data:`GATHER_ROWS`) is cheaper. At E=64 top-8 that is ~5 sorted buckets and ~4%
+padding (30 GEMM regions instead of 384); at E=8 top-2 one bucket usually wins (~6% padding). ``torch.bmm``
+on CPU splits a bucket's experts among the threads, so a bucket of 3 experts on 2 threads costs as much as one
+of 4: bucket sizes are multiples of the thread count.
 
 The weights are gathered once per call into the buckets' order (one copy of a projection's expert weights,
 kept for the backward; none when the order is the experts' own, as with one bucket); the backward computes the
 weight gradient in that order and writes it back to the experts' own in one pass. Every step is a fixed
-sequence of ops decided by the row counts alone: the same batch gives the same bits, run after run.
+sequence of ops decided by the row counts and the thread count alone: the same batch gives the same bits, run
+after run.
 """
 from __future__ import annotations
 
@@ -51,35 +53,54 @@ class ExpertBuckets:
         return sum((end - first) * cap for first, end, cap in self.bounds)
 
 
-def choose_buckets(counts: torch.Tensor, max_buckets: int, gather_rows: float | None = None) -> ExpertBuckets:
+def _fewest_buckets(c: list[int], max_buckets: int, total: int, threads: int,
+                    first: int = 1) -> tuple[int, int, list[int]] | None:
+    """(padded rows, experts per bucket, capacities) for the counts ``c`` in this order cut into equal-size
+    buckets: the fewest of ``first``..``max_buckets`` buckets padding at most :data:`WASTE` of ``total``, else
+    the cut with the fewest padded rows (None: no such cut). Buckets of at least ``threads`` experts hold a
+    multiple of ``threads``."""
+    e, best, seen = len(c), None, set()
+    for nb in range(first, min(max_buckets, e) + 1):
+        size = math.ceil(e / nb)
+        if size > threads:
+            size = math.ceil(size / threads) * threads
+        if size in seen or math.ceil(e / size) < first:
+            continue                                    # the same cut as fewer buckets
+        seen.add(size)
+        caps = [max(c[s:s + size]) for s in range(0, e, size)]
+        rows = sum(min(size, e - s) * cap for s, cap in zip(range(0, e, size), caps))
+        if best is None or rows < best[0]:
+            best = (rows, size, caps)
+        if rows <= (1 + WASTE) * total:
+            return rows, size, caps
+    return best
+
+
+def choose_buckets(counts: torch.Tensor, max_buckets: int, gather_rows: float | None = None,
+                   threads: int | None = None) -> ExpertBuckets:
     """The bucket layout for ``counts`` (E,) rows per expert, at most ``max_buckets`` buckets.
 
     Two candidates: one bucket in the experts' own order (no weight gather), and the fewest of 2..``max_buckets``
     equal-size buckets of the experts sorted by count whose padded rows exceed the counts' sum by at most
     :data:`WASTE` (else the one with the fewest padded rows). The sorted one is used when its padded rows plus
-    ``gather_rows`` (default :data:`GATHER_ROWS`) per expert, the price of gathering the weights, are fewer.
+    ``gather_rows`` (default :data:`GATHER_ROWS`) per expert, the price of gathering the weights and of the
+    extra buckets, are fewer. A bucket's batched GEMM splits its experts among the ``threads`` (default: torch's
+    CPU threads): on 2 threads a bucket of 3 experts costs as much as one of 4, so a bucket of at least
+    ``threads`` experts holds a multiple of them.
     At least one row is left unused (the layout's zero row): when every expert fills its bucket, the last
     bucket gets one more row."""
     e, dev = counts.numel(), counts.device
     gather_rows = GATHER_ROWS if gather_rows is None else gather_rows
+    threads = max(1, torch.get_num_threads() if threads is None else threads)
     own = counts.tolist()
     total = sum(own)
     order, size, caps = torch.arange(e, device=dev), e, [max(own)]
     rows = e * caps[0]
     if max_buckets > 1 and e > 1:
         by_count = torch.argsort(counts, descending=True, stable=True)
-        c = counts[by_count].tolist()
-        best = None
-        for nb in range(2, min(max_buckets, e) + 1):
-            size_b = math.ceil(e / nb)
-            caps_b = c[::size_b]                            # sorted: a bucket's first expert is its largest
-            rows_b = sum(min(size_b, e - s) * cap for s, cap in zip(range(0, e, size_b), caps_b))
-            if best is None or rows_b < best[0] or rows_b <= (1 + WASTE) * total:
-                best = (rows_b, size_b, caps_b)
-            if rows_b <= (1 + WASTE) * total:
-                break
-        if best[0] + gather_rows * e < rows:
-            rows, size, caps = best
+        cut = _fewest_buckets(counts[by_count].tolist(), max_buckets, total, threads, first=2)
+        if cut is not None and cut[0] + gather_rows * e < rows:
+            rows, size, caps = cut
             order = by_count
     bounds = [[s, min(s + size, e), cap] for s, cap in zip(range(0, e, size), caps)]
     if rows == total:                                   # no unused row: make one
