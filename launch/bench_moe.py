@@ -15,7 +15,7 @@ Contenders per shape
   dense SwiGLU           the ceiling: one fused SwiGLU FFN of inner width k*F (+ shared width), same active FLOPs
   dsmoe dropless         MoELayer, capacity_factor=None, expert_kernel="auto"; on (a)/(b) built with
                          MoELayer.from_hf from the transformers block below (the same weights)
-                         ("auto" = "bucketed" on CPU: experts cut into a few padded buckets, one
+                         ("auto" = "bucketed" on CPU: experts sorted by load into a few padded buckets, one
                          batched GEMM per bucket; "grouped" on GPU)
   dsmoe grouped          the same layer with expert_kernel="grouped" (grouped GEMM: one GEMM per expert)
   dsmoe padded           the same layer with expert_kernel="padded" (one bucket: one batched GEMM per projection)
@@ -428,7 +428,7 @@ def bucket_layout(made, x) -> str | None:
 
 
 def time_group(names: list[str], sh: Shape, args, device, dtype, warmup, reps, results) -> tuple[list, float | None]:
-    """Build every contender of one shape (and (c) when asked) and time them round-robin."""
+    """Build every contender of one shape (and (c) when asked) and time them in interleaved rounds."""
     log(f"shape ({names[0]}) {sh.describe()}" + ("  + (c) null experts" if "c" in names else ""))
     x = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(sh.tokens, sh.hidden, device=device, dtype=dtype)
