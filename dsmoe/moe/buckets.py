@@ -53,21 +53,20 @@ class ExpertBuckets:
         return sum((end - first) * cap for first, end, cap in self.bounds)
 
 
-def _fewest_buckets(c: list[int], max_buckets: int, total: int, threads: int,
-                    first: int = 1) -> tuple[int, int, list[int]] | None:
-    """(padded rows, experts per bucket, capacities) for the counts ``c`` in this order cut into equal-size
-    buckets: the fewest of ``first``..``max_buckets`` buckets padding at most :data:`WASTE` of ``total``, else
-    the cut with the fewest padded rows (None: no such cut). Buckets of at least ``threads`` experts hold a
+def _sorted_cut(c: list[int], max_buckets: int, total: int, threads: int) -> tuple[int, int, list[int]] | None:
+    """(padded rows, experts per bucket, capacities) for the counts ``c``, sorted largest first, cut into
+    equal-size buckets: the fewest of 2..``max_buckets`` buckets padding at most :data:`WASTE` of ``total``,
+    else the cut with the fewest padded rows (None: no such cut). Buckets of at least ``threads`` experts hold a
     multiple of ``threads``."""
     e, best, seen = len(c), None, set()
-    for nb in range(first, min(max_buckets, e) + 1):
+    for nb in range(2, min(max_buckets, e) + 1):
         size = math.ceil(e / nb)
         if size > threads:
             size = math.ceil(size / threads) * threads
-        if size in seen or math.ceil(e / size) < first:
+        if size in seen or math.ceil(e / size) < 2:
             continue                                    # the same cut as fewer buckets
         seen.add(size)
-        caps = [max(c[s:s + size]) for s in range(0, e, size)]
+        caps = c[::size]                                # sorted: a bucket's first expert is its largest
         rows = sum(min(size, e - s) * cap for s, cap in zip(range(0, e, size), caps))
         if best is None or rows < best[0]:
             best = (rows, size, caps)
@@ -98,7 +97,7 @@ def choose_buckets(counts: torch.Tensor, max_buckets: int, gather_rows: float | 
     rows = e * caps[0]
     if max_buckets > 1 and e > 1:
         by_count = torch.argsort(counts, descending=True, stable=True)
-        cut = _fewest_buckets(counts[by_count].tolist(), max_buckets, total, threads, first=2)
+        cut = _sorted_cut(counts[by_count].tolist(), max_buckets, total, threads)
         if cut is not None and cut[0] + gather_rows * e < rows:
             rows, size, caps = cut
             order = by_count
